@@ -1,0 +1,65 @@
+"""Backbones: one contract (``base.Backbone``) over timm, open_clip and transformers models.
+
+``create_backbone("timm:ARCH" | "open_clip:ARCH" | "hf:PATH_OR_ID" | "NAME_IN_REGISTRY", ...)``.
+Everything family specific lives in this package and nowhere else.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Backbone, BackboneFacts, Preprocess
+from .weights import WeightsNotFound, weights_digest
+
+# library prefix -> module holding ``build(arch, checkpoint=None, **kwargs) -> Backbone``
+_LIBRARIES = {
+    "timm": "stitchcache.backends.timm_backend",
+    "open_clip": "stitchcache.backends.open_clip_backend",
+    "hf": "stitchcache.backends.hf_backend",
+}
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """'timm:vit_small_patch16_224' -> ('timm', 'vit_small_patch16_224')."""
+    if ":" not in name:
+        raise ValueError(
+            f"backbone {name!r} has no library prefix; write one of "
+            + ", ".join(f"'{k}:<architecture>'" for k in _LIBRARIES)
+        )
+    lib, arch = name.split(":", 1)
+    if lib not in _LIBRARIES:
+        raise ValueError(f"backbone {name!r}: unknown library {lib!r} (known: {', '.join(_LIBRARIES)})")
+    return lib, arch
+
+
+def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backbone:
+    """Build a frozen backbone.
+
+    name: 'timm:ARCH', 'open_clip:ARCH_OR_CONFIG_JSON', 'hf:LOCAL_DIR_OR_HUB_ID'.
+    checkpoint: local weights file (or directory); None builds random-init weights (tests).
+    kwargs: passed to the library's own constructor (e.g. a tiny config: depth=2, embed_dim=32).
+    """
+    lib, arch = parse_name(name)
+    module = importlib.import_module(_LIBRARIES[lib])
+    bb = module.build(arch, checkpoint=checkpoint, **kwargs)
+    return bb.freeze()
+
+
+def backbone_from_spec(spec: dict) -> Backbone:
+    """Rebuild a backbone from ``Backbone.spec`` (as stored in checkpoints and store attributes)."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    checkpoint = spec.pop("checkpoint", None)
+    kwargs = spec.pop("kwargs", {}) or {}
+    return create_backbone(name, checkpoint=checkpoint, **kwargs)
+
+
+__all__ = [
+    "Backbone",
+    "BackboneFacts",
+    "Preprocess",
+    "WeightsNotFound",
+    "backbone_from_spec",
+    "create_backbone",
+    "parse_name",
+    "weights_digest",
+]

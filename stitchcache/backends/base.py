@@ -1,0 +1,210 @@
+"""The Backbone contract: one interface over every ViT family.
+
+A backbone exposes its layers one at a time so that any stage can
+  * capture the tokens after every block in one pass (``forward_layers``), and
+  * resume the frozen network from cached tokens at any layer (``forward_from``).
+
+Notation (see docs/concepts.md):
+  h_0 = embed(x)                 tokens entering block 1 (prefix + grid, positions added, pre-norm)
+  h_l = block(l, h_{l-1})        tokens after block l, 1 <= l <= depth
+  z   = final_norm(h_L)          final (pre-logit) tokens, all of them, before pooling / heads
+
+Subclasses live in ``stitchcache/backends/`` and implement only ``embed``, ``block`` and
+``final_norm`` (plus the facts); everything else is derived here once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input tensor. Part of every cache key."""
+
+    size: tuple[int, int]  # (H, W) fed to the model
+    resize: int  # shorter side is resized to this, then centre-cropped to ``size``
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    channels: int = 3  # grayscale images are repeated to this many channels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(
+            size=tuple(d["size"]),
+            resize=int(d["resize"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bicubic"),
+            channels=int(d.get("channels", 3)),
+        )
+
+    def transform(self):
+        """A torchvision transform: PIL image -> float tensor (C, H, W)."""
+        from torchvision import transforms as T
+
+        interp = {
+            "bicubic": T.InterpolationMode.BICUBIC,
+            "bilinear": T.InterpolationMode.BILINEAR,
+            "nearest": T.InterpolationMode.NEAREST,
+        }[self.interpolation]
+        channels = self.channels
+
+        def to_channels(img):
+            return img.convert("RGB") if channels == 3 else img.convert("L")
+
+        return T.Compose(
+            [
+                T.Lambda(to_channels),
+                T.Resize(self.resize, interpolation=interp),
+                T.CenterCrop(self.size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+@dataclass
+class BackboneFacts:
+    depth: int  # number of blocks L
+    width: int  # token dimension D
+    patch_size: int
+    image_size: tuple[int, int]
+    num_prefix_tokens: int  # CLS + registers (0 for SigLIP)
+    preprocess: Preprocess
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+    @property
+    def num_tokens(self) -> int:
+        gh, gw = self.grid
+        return self.num_prefix_tokens + gh * gw
+
+
+class Backbone(nn.Module):
+    """Frozen ViT seen as embed -> block_1 ... block_L -> final_norm.
+
+    Subclasses set ``self.facts`` and ``self.spec`` (a JSON-able dict that rebuilds the model with
+    ``create_backbone(**spec)``) and implement the three primitives below.
+    """
+
+    facts: BackboneFacts
+    spec: dict
+
+    # ---- primitives (family specific) -------------------------------------------------------
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, T, D)
+        raise NotImplementedError
+
+    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:  # block i (1-based): (B,T,D)->(B,T,D)
+        raise NotImplementedError
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        raise NotImplementedError
+
+    # ---- facts ------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.facts.depth
+
+    @property
+    def width(self) -> int:
+        return self.facts.width
+
+    @property
+    def patch_size(self) -> int:
+        return self.facts.patch_size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.facts.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.facts.grid
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.facts.num_prefix_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.facts.num_tokens
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.facts.preprocess
+
+    def describe(self) -> dict:
+        """Facts as a JSON-able dict (stored in feature-store attributes)."""
+        return {
+            "spec": self.spec,
+            "depth": self.depth,
+            "width": self.width,
+            "patch_size": self.patch_size,
+            "image_size": list(self.image_size),
+            "grid": list(self.grid),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "num_tokens": self.num_tokens,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+    # ---- derived ----------------------------------------------------------------------------
+    def _check_layer(self, l: int) -> int:
+        l = int(l)
+        if not 0 <= l <= self.depth:
+            raise ValueError(
+                f"layer {l} is out of range for {self.spec.get('name', type(self).__name__)} "
+                f"(valid: 0..{self.depth}; 0 = embeddings, {self.depth} = last block)"
+            )
+        return l
+
+    def forward_layers(
+        self, pixels: torch.Tensor, layers: Iterable[int] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """One pass; returns {l: h_l} for the requested layers only (default: all 0..L).
+
+        The forward stops after the deepest requested layer, and tokens of layers not asked for
+        are dropped as soon as the next block has consumed them.
+        """
+        wanted = sorted({self._check_layer(l) for l in (range(self.depth + 1) if layers is None else layers)})
+        if not wanted:
+            return {}
+        out: dict[int, torch.Tensor] = {}
+        h = self.embed(pixels)
+        if wanted[0] == 0:
+            out[0] = h
+        for i in range(1, wanted[-1] + 1):
+            h = self.block(i, h)
+            if i in wanted:
+                out[i] = h
+        return out
+
+    def forward_from(self, h: torch.Tensor, l: int) -> torch.Tensor:
+        """The tail: tokens after block ``l`` -> final tokens (blocks l+1..L, then final norm)."""
+        l = self._check_layer(l)
+        for i in range(l + 1, self.depth + 1):
+            h = self.block(i, h)
+        return self.final_norm(h)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(self.embed(pixels), 0)
+
+    def freeze(self) -> "Backbone":
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
