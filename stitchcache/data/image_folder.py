@@ -1,0 +1,45 @@
+"""A folder of images, one sub-folder per class (``root/<class>/<image>``), torchvision style."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from .base import Split
+
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class ImageFolderSplit(Split):
+    def __init__(self, name: str, root: str, start: int = 0, count: int | None = None, classes: list[str] | None = None):
+        self.name = name
+        self.root = Path(os.path.expanduser(root))
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image_folder split {name!r}: folder {str(self.root)!r} does not exist")
+        self.classes = classes or sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise ValueError(f"image_folder split {name!r}: {str(self.root)!r} has no class sub-folders")
+        items = []
+        for ci, c in enumerate(self.classes):
+            for f in sorted((self.root / c).rglob("*")):
+                if f.suffix.lower() in EXTENSIONS:
+                    items.append((str(f.relative_to(self.root)), ci, f.stat().st_size))
+        count = len(items) - start if count is None else count
+        if count <= 0 or start + count > len(items):
+            raise ValueError(f"image_folder split {name!r}: start={start}, count={count} outside {len(items)} images")
+        self.items = items[start : start + count]
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.items)
+
+    def image(self, i):
+        with Image.open(self.root / self.items[i][0]) as im:
+            return im.copy()
+
+    def label(self, i):
+        return self.items[i][1]
+
+    def manifest(self):
+        return {"type": "image_folder", "classes": self.classes, "items": self.items}
