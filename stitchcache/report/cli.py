@@ -1,0 +1,48 @@
+"""The `table` and `plot` subcommands (wired into ``python -m stitchcache`` by stitchcache.cli)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def configure_table_parser(p):
+    p.add_argument("--evals", nargs="+", required=True, metavar="EVAL.json", help="evaluation results")
+    p.add_argument("--probes", nargs="*", default=[], metavar="PROBE.json", help="base-model linear probes")
+    p.add_argument("--out-dir", required=True, help="writes table.parquet, table.csv, table.md here")
+    return p
+
+
+def run_table(args):
+    from .tables import build_table, probe_table, write_table
+    table = build_table(args.evals, args.probes)
+    paths = write_table(table, probe_table(table), args.out_dir)
+    n_ds = len(set(table.column("dataset").to_pylist()))
+    print(f"table: {table.num_rows} stitch results ({n_ds} dataset(s)) + {len(args.probes)} base probes "
+          f"-> {', '.join(map(str, paths))}")
+    return 0
+
+
+def configure_plot_parser(p):
+    p.add_argument("--table", required=True, metavar="TABLE.parquet", help="output of the table stage")
+    p.add_argument("--out-dir", required=True, help="writes accuracy.png and distances.png here")
+    return p
+
+
+def run_plot(args):
+    import pyarrow.parquet as pq
+    from .plots import plot_accuracy, plot_distances
+    from .tables import COLUMNS
+    path = Path(args.table)
+    if not path.is_file():
+        raise FileNotFoundError(f"results table not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read the results table ({e})") from None
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: results table lacks column(s) {', '.join(missing)}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = plot_accuracy(table, out / "accuracy.png"), plot_distances(table, out / "distances.png")
+    print(f"plot: {table.num_rows} rows from {path} -> {', '.join(map(str, paths))}")
+    return 0

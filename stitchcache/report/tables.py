@@ -1,0 +1,235 @@
+"""Collect evaluation and probe JSON records into one results table (the `table` stage).
+
+Layout (see docs/stages/report.md):
+- ``build_table(eval_paths, probe_paths)`` returns one row per evaluation result, columns ``COLUMNS``.
+  Each row carries ``src_probe_acc`` / ``tgt_probe_acc``: the base linear probe of the source and
+  target model on the same dataset (null when that probe is missing).
+- The base linear probes are kept as a *second* table (``load_probes``, columns
+  ``PROBE_COLUMNS``), not as extra rows. ``build_table`` also stores them as JSON in the schema
+  metadata key ``stitchcache.probes`` so ``table.parquet`` alone is enough to redraw everything;
+  ``probe_table(table)`` gets them back.
+- ``write_table(table, probes, out_dir)`` writes ``table.parquet`` (schema metadata:
+  ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv`` and
+  ``table.md``. The Markdown averages over seeds where a cell has several.
+Rows are sorted by dataset, cross before self, source, target, stitch, method (lfm, ffm, tlt,
+ffm_tlt, then others by name), layer, seed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+METHOD_ORDER = ("lfm", "ffm", "tlt", "ffm_tlt")
+S, I, F = pa.string(), pa.int64(), pa.float64()
+SCHEMA = pa.schema([
+    ("dataset", S), ("source", S), ("target", S), ("layer", I), ("stitch", S), ("method", S),
+    ("kind", S), ("seed", I), ("probe_acc", F), ("head_acc", F), ("d_l", F), ("d_L", F),
+    ("lr", F), ("epochs", I), ("train_seconds", F), ("src_probe_acc", F), ("tgt_probe_acc", F),
+])
+PROBE_SCHEMA = pa.schema([("dataset", S), ("model", S), ("pool", S), ("probe_acc", F), ("lr", F), ("epochs", I)])
+COLUMNS = SCHEMA.names
+PROBE_COLUMNS = PROBE_SCHEMA.names
+EVAL_REQUIRED = ("dataset", "source", "target", "layer", "stitch", "method", "probe_acc", "d_l", "d_L")
+PROBE_REQUIRED = ("dataset", "model", "probe_acc")
+PROBES_KEY = b"stitchcache.probes"
+
+
+# ----------------------------------------------------------------------------- reading records
+
+def _read_record(path, required, what):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    try:
+        rec = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise ValueError(f"{p}: {what} lacks field(s) {', '.join(missing)}")
+    return rec
+
+
+def _coerce(rec, schema, path):
+    """Keep the schema's fields of one record, typed; NaN becomes null; unknown fields are dropped."""
+    out = {}
+    for field in schema:
+        v = rec.get(field.name)
+        try:
+            if v is None:
+                out[field.name] = None
+            elif field.type == pa.string():
+                out[field.name] = str(v)
+            elif field.type == pa.int64():
+                if isinstance(v, bool) or float(v) != int(v):
+                    raise ValueError
+                out[field.name] = int(v)
+            else:
+                f = float(v)
+                out[field.name] = None if math.isnan(f) else f
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{path}: field {field.name!r} should be {field.type}, got {v!r}") from None
+    return out
+
+
+def load_probes(probe_paths) -> pa.Table:
+    """The base linear probes, one row per (dataset, model), sorted."""
+    rows, seen = [], {}
+    for path in probe_paths:
+        r = _coerce(_read_record(path, PROBE_REQUIRED, "probe result"), PROBE_SCHEMA, path)
+        key = (r["dataset"], r["model"])
+        if key in seen:
+            raise ValueError(f"{path}: second probe for dataset {key[0]!r} model {key[1]!r} (first: {seen[key]})")
+        seen[key] = path
+        rows.append(r)
+    rows.sort(key=lambda r: (r["dataset"], r["model"]))
+    return pa.Table.from_pylist(rows, schema=PROBE_SCHEMA)
+
+
+def method_rank(m):
+    return (METHOD_ORDER.index(m), "") if m in METHOD_ORDER else (len(METHOD_ORDER), m)
+
+
+def sort_key(r):
+    seed = -1 if r["seed"] is None else r["seed"]
+    return (r["dataset"], r["kind"] != "cross", r["source"], r["target"], r["stitch"],
+            method_rank(r["method"]), r["layer"], seed)
+
+
+def build_table(eval_paths, probe_paths) -> pa.Table:
+    """One row per evaluation result with the base probes joined in (see module docstring)."""
+    probes = load_probes(probe_paths)
+    acc = {(p["dataset"], p["model"]): p["probe_acc"] for p in probes.to_pylist()}
+    rows, seen = [], {}
+    for path in eval_paths:
+        r = _coerce(_read_record(path, EVAL_REQUIRED, "evaluation result"), SCHEMA, path)
+        if r["kind"] is None:
+            r["kind"] = "self" if r["source"] == r["target"] else "cross"
+        r["src_probe_acc"] = acc.get((r["dataset"], r["source"]))
+        r["tgt_probe_acc"] = acc.get((r["dataset"], r["target"]))
+        key = tuple(r[k] for k in ("dataset", "source", "target", "layer", "stitch", "method", "seed"))
+        if key in seen:
+            raise ValueError(f"{path}: duplicates evaluation result {seen[key]} (same {key})")
+        seen[key] = path
+        rows.append(r)
+    rows.sort(key=sort_key)
+    meta = {PROBES_KEY: json.dumps(probes.to_pylist()).encode()}
+    return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(meta))
+
+
+def probe_table(table) -> pa.Table:
+    """The base probes stored in ``table``'s schema metadata (empty table when absent)."""
+    raw = (table.schema.metadata or {}).get(PROBES_KEY)
+    return pa.Table.from_pylist(json.loads(raw) if raw else [], schema=PROBE_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+DASH = "–"
+
+
+def fmt_acc(v):
+    return DASH if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def fmt_dist(v):
+    return DASH if v is None or math.isnan(v) else f"{v:#.3g}"
+
+
+def _md(header, body):
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return lines + [""]
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pair_label(r):
+    return f"{r['source']} → {r['target']}" + (" (self)" if r["kind"] == "self" else "")
+
+
+def _by_layer(rows, layers, fields, fmt):
+    """Markdown rows: one per (pair, stitch, method[, field]), one column per layer, seed-mean."""
+    cells = {}
+    for r in rows:  # rows are sorted, so dict insertion order is the row order
+        for f in fields:
+            key = (pair_label(r), r["stitch"], r["method"]) + ((f,) if len(fields) > 1 else ())
+            cells.setdefault(key, {}).setdefault(r["layer"], []).append(r[f])
+    return [list(k) + [fmt(_mean(c.get(l, []))) for l in layers] for k, c in cells.items()]
+
+
+def to_markdown(table, probes=None) -> str:
+    rows = [dict(r) for r in table.to_pylist()]
+    rows.sort(key=sort_key)
+    probes = (probe_table(table) if probes is None else probes).to_pylist()
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    out = ["# Stitching results", "",
+           "Accuracies in % (one decimal) on the validation split; d_l, d_L: mean squared error per "
+           f"element (3 significant digits); {DASH} = missing; (self) = self-stitch control."
+           + (f" Cells are means over seeds {seeds}." if len(seeds) > 1 else ""), ""]
+    for ds in sorted({r["dataset"] for r in rows} | {p["dataset"] for p in probes}):
+        drows = [r for r in rows if r["dataset"] == ds]
+        layers = sorted({r["layer"] for r in drows})
+        lcols = [f"layer {l}" for l in layers]
+        out += [f"## {ds}", "", "### Base linear probes", ""]
+        out += _md(["model", "pool", "probe acc (%)", "lr", "epochs"],
+                   [[p["model"], p["pool"] or DASH, fmt_acc(p["probe_acc"]),
+                     DASH if p["lr"] is None else f"{p['lr']:g}", DASH if p["epochs"] is None else p["epochs"]]
+                    for p in probes if p["dataset"] == ds] or [[DASH] * 5])
+        if not drows:
+            continue
+        out += ["### Stitched probe accuracy (%) by layer", ""]
+        out += _md(["source → target", "stitch", "method"] + lcols, _by_layer(drows, layers, ["probe_acc"], fmt_acc))
+        head = [r for r in drows if r["head_acc"] is not None]
+        if head:
+            out += ["### Task-head accuracy (%) by layer (TLT variants)", ""]
+            out += _md(["source → target", "stitch", "method"] + lcols, _by_layer(head, layers, ["head_acc"], fmt_acc))
+        dist = [r for r in drows if r["method"] in ("lfm", "ffm")]
+        if dist:
+            out += ["### Feature distances d_l / d_L by layer (LFM vs FFM)", ""]
+            out += _md(["source → target", "stitch", "method", "metric"] + lcols,
+                       _by_layer(dist, layers, ["d_l", "d_L"], fmt_dist))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _version():
+    try:
+        from importlib.metadata import version
+        return version("stitchcache")
+    except Exception:
+        import stitchcache
+        return getattr(stitchcache, "__version__", "unknown")
+
+
+def write_table(table, probes, out_dir):
+    """Write table.parquet, table.csv and table.md under out_dir; returns the three paths.
+
+    probes: the base-probe table (``load_probes``) or None to use the one in ``table``'s metadata.
+    """
+    probes = probe_table(table) if probes is None else probes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(table.schema.metadata or {})
+    meta.update({b"stitchcache_version": _version().encode(),
+                 b"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").encode(),
+                 PROBES_KEY: json.dumps(probes.to_pylist()).encode()})
+    table = table.replace_schema_metadata(meta)
+    paths = out / "table.parquet", out / "table.csv", out / "table.md"
+    pq.write_table(table, paths[0])
+    pcsv.write_csv(table, paths[1])
+    paths[2].write_text(to_markdown(table, probes) + "\n")
+    return paths
