@@ -34,8 +34,12 @@ def resolve_layers(setting, depth: int) -> list[int]:
 
 
 def model_from_spec(model_spec: dict):
-    """A config ``models.<name>`` entry -> frozen Backbone."""
-    return create_backbone(model_spec["backbone"], checkpoint=model_spec.get("checkpoint"),
+    """A config ``models.<name>`` entry -> frozen Backbone (checkpoint paths made absolute, so the
+    spec stored with features and stitch checkpoints rebuilds the model from anywhere)."""
+    ckpt = model_spec.get("checkpoint")
+    if ckpt is not None:
+        ckpt = str(Path(ckpt).expanduser().resolve())
+    return create_backbone(model_spec["backbone"], checkpoint=ckpt,
                            **(model_spec.get("kwargs") or {}))
 
 

@@ -97,6 +97,15 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
     return FeatureStore(path)
 
 
+def open_record(path: str | os.PathLike) -> tuple[dict, FeatureStore]:
+    """A feature record (extract's JSON output) and the finished store it points to."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"feature record {str(p)!r} does not exist (run the extract step first)")
+    record = json.loads(p.read_text())
+    return record, FeatureStore(record["store"])
+
+
 class StoreWriter:
     """Creates (or resumes) a store; chunks of whole images are the unit of work and of resume."""
 

@@ -1,0 +1,1 @@
+"""Evaluation: linear probes on pooled final tokens, stitched-model export and distances."""

@@ -1,0 +1,1 @@
+"""Stitch layers, the stitched model, and the training losses."""

@@ -1,0 +1,94 @@
+"""Stitch layers s: source tokens at layer l (B, T_s, D_s) -> target tokens at layer l (B, T_t, D_t).
+
+Prefix-token policy (when source and target have different prefix tokens, e.g. CLIP: CLS,
+DINOv2-reg: CLS + 4 registers, SigLIP: none): patch tokens correspond one to one (same grid);
+target prefix slot k is fed source prefix token k if the source has one, else source prefix 0
+(its CLS), else — a source without prefix tokens — the mean of the source patch tokens. The
+per-token stitch then maps every token D_s -> D_t. See docs/stages/stitch.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PrefixMap(nn.Module):
+    """(B, p_s + G, D) -> (B, p_t + G, D) by the policy above; no parameters."""
+
+    def __init__(self, src_prefix: int, tgt_prefix: int):
+        super().__init__()
+        self.src_prefix, self.tgt_prefix = int(src_prefix), int(tgt_prefix)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ps, pt = self.src_prefix, self.tgt_prefix
+        if ps == pt:
+            return h
+        patches = h[:, ps:]
+        if pt == 0:
+            return patches
+        if ps == 0:
+            prefix = patches.mean(dim=1, keepdim=True).expand(-1, pt, -1)
+        else:
+            idx = torch.tensor([k if k < ps else 0 for k in range(pt)], device=h.device)
+            prefix = h[:, idx]
+        return torch.cat([prefix, patches], dim=1)
+
+
+class LinearStitch(nn.Module):
+    def __init__(self, d_in: int, d_out: int, init: str = "default"):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+        if init == "identity":
+            if d_in != d_out:
+                raise ValueError(f"identity init needs equal widths, got {d_in} -> {d_out}")
+            nn.init.eye_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h):  # (B, T, D_s) -> (B, T, D_t)
+        return self.proj(h)
+
+
+class MLPStitch(nn.Module):
+    """Two layers with ReLU, per token (the paper's default)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int | None = None):
+        super().__init__()
+        hidden = int(hidden or d_out)
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+
+    def forward(self, h):  # (B, T, D_s) -> (B, T, D_t)
+        return self.fc2(self.act(self.fc1(h)))
+
+
+STITCH_LAYERS = {"linear": LinearStitch, "mlp": MLPStitch}
+
+
+class Stitch(nn.Module):
+    """PrefixMap followed by a per-token stitch layer. ``config`` is JSON-able and rebuilds it."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        kind = config["kind"]
+        if kind not in STITCH_LAYERS:
+            raise ValueError(f"unknown stitch layer {kind!r} (known: {', '.join(STITCH_LAYERS)})")
+        self.prefix = PrefixMap(config["src_prefix"], config["tgt_prefix"])
+        if kind == "mlp":
+            self.layer = MLPStitch(config["d_in"], config["d_out"], config.get("hidden"))
+        else:
+            self.layer = LinearStitch(config["d_in"], config["d_out"], config.get("init", "default"))
+
+    def forward(self, h):
+        return self.layer(self.prefix(h))
+
+
+def make_stitch_config(kind: str, src_facts: dict, tgt_facts: dict, **options) -> dict:
+    if list(src_facts["grid"]) != list(tgt_facts["grid"]):
+        raise ValueError(
+            f"token grids differ: source {src_facts['spec']['name']} has {src_facts['grid']}, target "
+            f"{tgt_facts['spec']['name']} has {tgt_facts['grid']}; choose image sizes that give the same grid "
+            "(e.g. /14 at 224 px and /16 at 256 px both give 16x16)"
+        )
+    return {"kind": kind, "d_in": src_facts["width"], "d_out": tgt_facts["width"],
+            "src_prefix": src_facts["num_prefix_tokens"], "tgt_prefix": tgt_facts["num_prefix_tokens"],
+            **{k: v for k, v in options.items() if v is not None}}

@@ -1,0 +1,122 @@
+"""The `train` stage: fit a stitch layer (and TLT head) from cached features.
+
+  lfm      source layer-l tokens -> target layer-l tokens        (no backbone is built at all)
+  ffm      source layer-l tokens -> frozen target tail -> target final tokens
+  tlt      source layer-l tokens -> tail -> pooled -> linear head -> labels
+  ffm_tlt  tlt, starting from the FFM checkpoint (--init)
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backends import backbone_from_spec
+from ..cache import iter_batches, open_record
+from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
+from ..train import FitConfig, fit, mean_over
+from .layers import Stitch, make_stitch_config
+from .losses import ffm_loss, lfm_loss, tlt_loss
+from .model import Head, load_checkpoint, save_checkpoint
+
+
+def check_aligned(a: dict, b: dict, what: str) -> None:
+    da, db = a["dataset_digest"], b["dataset_digest"]
+    if da != db or a["num_images"] != b["num_images"]:
+        raise SystemExit(f"error: {what}: source and target features were extracted from different images "
+                         f"({a['store']} vs {b['store']})")
+
+
+def _record(path):
+    rec, store = open_record(path)
+    rec["dataset_digest"] = store.attrs["key_parts"]["dataset"]
+    return rec, store
+
+
+def train_stitch(args) -> int:
+    set_threads()
+    settings = json_arg(args.settings, "--settings")
+    seed = int(settings.get("seed", 0))
+    seed_everything(seed)
+    device = pick_device(settings.get("device", "auto"))
+    method, l = args.method, int(args.layer)
+    (st_rec, st), (sv_rec, sv) = _record(args.src_train), _record(args.src_val)
+    (tt_rec, tt), (tv_rec, tv) = _record(args.tgt_train), _record(args.tgt_val)
+    check_aligned(st_rec, tt_rec, "train split")
+    check_aligned(sv_rec, tv_rec, "val split")
+    sf, tf = st_rec["facts"], tt_rec["facts"]
+    depth = tf["depth"]
+    if not 0 <= l < depth:
+        raise SystemExit(f"error: stitch layer {l} must lie in 0..{depth - 1} for target {tt_rec['model']}")
+    stitch_cfg = make_stitch_config(args.stitch, sf, tf, hidden=settings.get("mlp_hidden"))
+    init = None
+    if method == "ffm_tlt":
+        if not args.init:
+            raise SystemExit("error: ffm_tlt needs --init (the FFM checkpoint)")
+        init = load_checkpoint(args.init)
+        if init["spec"]["stitch"] != stitch_cfg:
+            raise SystemExit(f"error: --init {args.init} has a different stitch layer: {init['spec']['stitch']}")
+
+    target = None
+    if method != "lfm":  # LFM never builds a backbone
+        target = backbone_from_spec(tf["spec"]).to(device)
+    head_cfg = None
+    if method in ("tlt", "ffm_tlt"):
+        head_cfg = {"width": tf["width"], "num_classes": int(st_rec.get("num_classes") or _num_classes(st)),
+                    "num_prefix": tf["num_prefix_tokens"], "pool": settings.get("pool", "mean")}
+
+    def build():
+        m = nn.ModuleDict({"stitch": Stitch(stitch_cfg)})
+        if init is not None:
+            m["stitch"].load_state_dict(init["stitch_state"])
+        if head_cfg:
+            m["head"] = Head(**head_cfg)
+        return m
+
+    def tail(m, h):
+        return target.forward_from(m["stitch"](h), l)
+
+    if method == "lfm":
+        train_arrays, val_arrays = [st.layer(l), tt.layer(l)], [sv.layer(l), tv.layer(l)]
+        loss_fn = lambda m, b: lfm_loss(m["stitch"], b[0], b[1])
+    elif method == "ffm":
+        train_arrays, val_arrays = [st.layer(l), tt.final], [sv.layer(l), tv.final]
+        loss_fn = lambda m, b: ffm_loss(lambda h: tail(m, h), b[0], b[1])
+    else:
+        train_arrays, val_arrays = [st.layer(l), st.labels], [sv.layer(l), sv.labels]
+        loss_fn = lambda m, b: tlt_loss(lambda h: tail(m, h), m["head"], b[0], b[1])
+
+    bs = int(settings.get("lfm_batch_size", 256) if method == "lfm" else settings.get("batch_size", 128))
+    cfg = FitConfig.from_settings({**settings, "seed": seed})
+
+    def batches(epoch_seed):
+        return iter_batches(train_arrays, bs, shuffle=True, seed=epoch_seed)
+
+    def val_loss(m):
+        return mean_over(iter_batches(val_arrays, bs), lambda b: loss_fn(m, [x.to(device) for x in b]))
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    desc = f"{method} {st_rec['model']}->{tt_rec['model']} @{l}"
+    t0 = time.time()
+    res = fit(build, batches, loss_fn, val_loss, cfg, device, partial=partial, desc=desc)
+    seconds = time.time() - t0
+    best = build()
+    best.load_state_dict(res.state)
+    spec = {"source": sf["spec"], "target": tf["spec"], "source_facts": sf, "target_facts": tf, "layer": l,
+            "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
+            "source_name": st_rec["model"], "target_name": tt_rec["model"]}
+    info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed}
+    save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
+    write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch,
+                              "source": st_rec["model"], "target": tt_rec["model"], "history": res.history})
+    partial.unlink(missing_ok=True)
+    log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs}, val loss {res.val_loss:.4g} ({seconds:.1f}s)")
+    return 0
+
+
+def _num_classes(store) -> int:
+    return int(store.attrs.get("num_classes") or int(torch.as_tensor(store.labels[:]).max()) + 1)

@@ -1,0 +1,148 @@
+"""One training loop for every trainable thing (stitch layers, TLT heads, linear probes).
+
+AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
+(``patience``) on the validation loss; the grid point with the best validation loss wins.
+A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it.
+bf16 autocast on CUDA, fp32 on CPU. Seeded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .runtime import autocast, log
+
+
+@dataclass
+class FitConfig:
+    lr_grid: list[float] = field(default_factory=lambda: [1e-3])
+    max_epochs: int = 100
+    patience: int = 5
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, s: dict) -> "FitConfig":
+        return cls(lr_grid=[float(x) for x in s.get("lr_grid", [1e-3])], max_epochs=int(s.get("max_epochs", 100)),
+                   patience=int(s.get("patience", 5)), weight_decay=float(s.get("weight_decay", 0.0)),
+                   seed=int(s.get("seed", 0)))
+
+
+@dataclass
+class FitResult:
+    state: dict  # best trainable state dict
+    lr: float
+    epochs: int  # epochs of the chosen run until its best validation loss
+    val_loss: float
+    history: list[dict]
+
+
+def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss_fn: Callable, val_loss: Callable,
+        cfg: FitConfig, device: torch.device, partial: str | os.PathLike | None = None, desc: str = "") -> FitResult:
+    """build(): a freshly initialised trainable module; batches(epoch): the epoch's batches;
+    loss_fn(module, batch) -> scalar; val_loss(module) -> float (no grad)."""
+    state = _load_partial(partial)
+    results = state["results"] if state else []
+    for li, lr in enumerate(cfg.lr_grid):
+        if li < len(results):
+            continue  # this grid point finished before a restart
+        torch.manual_seed(cfg.seed + li)
+        module = build().to(device)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        run = {"lr": lr, "epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad": 0, "best_state": None, "history": []}
+        if state and state.get("current", {}).get("lr_index") == li:
+            cur = state["current"]
+            module.load_state_dict(cur["state"])
+            opt.load_state_dict(cur["opt"])
+            run = cur["run"]
+            log(f"{desc} resuming lr={lr:g} after epoch {run['epoch']}")
+        while run["epoch"] < cfg.max_epochs and run["bad"] < cfg.patience:
+            epoch = run["epoch"]
+            t0 = time.time()
+            module.train()
+            total, n = 0.0, 0
+            for batch in batches(cfg.seed * 1000 + epoch):
+                batch = [b.to(device, non_blocking=True) for b in batch]
+                with autocast(device):
+                    loss = loss_fn(module, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss) * len(batch[0])
+                n += len(batch[0])
+            module.eval()
+            with torch.no_grad(), autocast(device):
+                v = float(val_loss(module))
+            run["epoch"] = epoch + 1
+            run["history"].append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": v,
+                                   "seconds": time.time() - t0})
+            if v < run["best_val"]:
+                run.update(best_val=v, best_epoch=epoch + 1, bad=0,
+                           best_state={k: t.detach().cpu().clone() for k, t in module.state_dict().items()})
+            else:
+                run["bad"] += 1
+            log(f"{desc} lr={lr:g} epoch {epoch + 1}: train {total / max(n, 1):.4g} val {v:.4g}")
+            _save_partial(partial, {"results": results, "current": {
+                "lr_index": li, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})
+        results.append({"lr": lr, "val_loss": run["best_val"], "epochs": run["best_epoch"],
+                        "state": run["best_state"], "history": run["history"]})
+        _save_partial(partial, {"results": results})
+    best = min(results, key=lambda r: r["val_loss"])
+    history = [{"lr": r["lr"], **h} for r in results for h in r["history"]]
+    return FitResult(state=best["state"], lr=best["lr"], epochs=best["epochs"], val_loss=best["val_loss"],
+                     history=history)
+
+
+def _load_partial(path):
+    if path is None or not Path(path).exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_partial(path, obj):
+    if path is None:
+        return
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def mean_over(batches: Iterable, fn: Callable) -> float:
+    """Mean of fn(batch) weighted by batch size."""
+    total, n = 0.0, 0
+    for batch in batches:
+        total += float(fn(batch)) * len(batch[0])
+        n += len(batch[0])
+    return total / max(n, 1)
+
+
+# ---- the `train` subcommand -------------------------------------------------------------------
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    from .stitch.layers import STITCH_LAYERS
+    from .stitch.losses import METHODS
+
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--layer", required=True, type=int)
+    p.add_argument("--stitch", required=True, choices=sorted(STITCH_LAYERS))
+    for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
+        p.add_argument(f"--{name}", required=True, help="feature record JSON")
+    p.add_argument("--init", help="checkpoint to start from (ffm_tlt: the FFM checkpoint)")
+    p.add_argument("--settings", default="{}", help="JSON: the train section plus seed/device")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--metrics", required=True, help="training summary JSON to write")
+
+
+def main(args) -> int:
+    from .stitch.trainer import train_stitch
+
+    return train_stitch(args)
