@@ -1,0 +1,274 @@
+"""Config validation, cross-checks and every helper the rules use (paths, specs, targets).
+
+Rules only reference the functions defined here; no logic lives in the rule files.
+"""
+
+import json
+import os
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+##### validation #####
+
+# JSON Schema 2020-12; fills in the defaults, rejects unknown keys and bad enum values.
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+NAME = "[A-Za-z0-9_]+"
+STITCH_SPLITS = ("train", "val")
+
+
+wildcard_constraints:
+    dataset=NAME,
+    model=NAME,
+    src=NAME,
+    tgt=NAME,
+    split=NAME,
+    layer="[0-9]+",
+    stitch="mlp|linear",
+    method="lfm|ffm|tlt|ffm_tlt",
+
+
+def _config_error(key, message):
+    raise WorkflowError(f"config error at {key}: {message}")
+
+
+def _check_config(cfg):
+    """Checks the schema cannot express; each error names the offending key."""
+    datasets, models, st = cfg["datasets"], cfg["models"], cfg["stitch"]
+    if st["dataset"] not in datasets:
+        _config_error(
+            "stitch.dataset",
+            f"unknown dataset {st['dataset']!r} (datasets: {', '.join(datasets)})",
+        )
+    splits = datasets[st["dataset"]]["splits"]
+    for split in STITCH_SPLITS:
+        if split not in splits:
+            _config_error(
+                f"datasets.{st['dataset']}.splits",
+                f"the stitch dataset needs a split named {split!r} (has: {', '.join(splits)})",
+            )
+    for i, pair in enumerate(st["pairs"]):
+        for j, name in enumerate(pair):
+            if name not in models:
+                _config_error(
+                    f"stitch.pairs[{i}][{j}]",
+                    f"unknown model {name!r} (models: {', '.join(models)})",
+                )
+    for name, m in models.items():
+        pre = m.get("pretrain")
+        if pre is None:
+            continue
+        if m.get("checkpoint") is not None:
+            _config_error(
+                f"models.{name}.checkpoint",
+                "a model with `pretrain:` gets its checkpoint from the pretrain stage; set checkpoint: null",
+            )
+        if pre["dataset"] not in datasets:
+            _config_error(
+                f"models.{name}.pretrain.dataset",
+                f"unknown dataset {pre['dataset']!r} (datasets: {', '.join(datasets)})",
+            )
+        if pre["split"] not in datasets[pre["dataset"]]["splits"]:
+            _config_error(
+                f"models.{name}.pretrain.split",
+                f"dataset {pre['dataset']!r} has no split {pre['split']!r} "
+                f"(has: {', '.join(datasets[pre['dataset']]['splits'])})",
+            )
+    for name in stitched_models(cfg):
+        depth = models[name]["kwargs"].get("depth")
+        if isinstance(depth, int):
+            for i, layer in enumerate(st["layers"]):
+                if not 1 <= layer <= depth - 1:
+                    _config_error(
+                        f"stitch.layers[{i}]",
+                        f"layer {layer} is outside 1..{depth - 1} for model {name!r} (kwargs.depth: {depth})",
+                    )
+    wanted = cfg["extract"]["layers"]
+    if wanted != "all":
+        missing = sorted(set(st["layers"]) - set(wanted))
+        if missing:
+            _config_error(
+                "extract.layers",
+                f"stitch layers {missing} are not extracted (extract.layers: {wanted})",
+            )
+
+
+##### the experiment grid #####
+
+
+def stitched_models(cfg=config):
+    """Models that appear in a pair, in config order."""
+    used = {name for pair in cfg["stitch"]["pairs"] for name in pair}
+    return [name for name in cfg["models"] if name in used]
+
+
+def pretrained_models():
+    return [name for name, m in config["models"].items() if "pretrain" in m]
+
+
+def stitch_pairs():
+    """Ordered (source, target) pairs: the configured ones, then S->S / T->T controls."""
+    pairs = [tuple(p) for p in config["stitch"]["pairs"]]
+    if config["stitch"]["self_stitch"]:
+        pairs += [(m, m) for m in stitched_models()]
+    return list(dict.fromkeys(pairs))  # de-duplicate, keep order
+
+
+def stitch_dataset():
+    return config["stitch"]["dataset"]
+
+
+##### paths #####
+
+def stitch_path(name, dataset, src, tgt, layer, stitch, method):
+    """A file of one trained stitch: checkpoint.pt, train.json or eval.json."""
+    return f"results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/{name}"
+
+
+def output_dir(wildcards, output):
+    """table / plot: the folder their outputs go to (--out-dir)."""
+    return os.path.dirname(output[0])
+
+
+def model_checkpoint(name):
+    """The weights a model runs with: the pretrain output, a configured file, or None (random init)."""
+    m = config["models"][name]
+    if "pretrain" in m:
+        return f"results/models/{name}.pt"
+    return m.get("checkpoint")
+
+
+##### input functions #####
+
+
+def checkpoint_input(wildcards):
+    """extract: the model's checkpoint file (so new weights re-extract), if it has one."""
+    ckpt = model_checkpoint(wildcards.model)
+    return [ckpt] if ckpt else []
+
+
+def ffm_init_input(wildcards):
+    """train: ffm_tlt starts from the ffm checkpoint of the same pair/layer/stitch."""
+    if wildcards.method != "ffm_tlt":
+        return []
+    return [stitch_path("checkpoint.pt", **{**dict(wildcards.items()), "method": "ffm"})]
+
+
+def init_arg(wildcards, input):
+    return f"--init {input.init}" if input.init else ""
+
+
+def all_evals():
+    return [
+        stitch_path("eval.json", dataset=stitch_dataset(), src=src, tgt=tgt, layer=layer, stitch=stitch, method=method)
+        for src, tgt in stitch_pairs()
+        for layer in config["stitch"]["layers"]
+        for stitch in config["stitch"]["stitch_layers"]
+        for method in config["stitch"]["methods"]
+    ]
+
+
+def all_probes():
+    return [f"results/probes/{stitch_dataset()}/{m}.json" for m in stitched_models()]
+
+
+def all_targets():
+    return [
+        "results/table.parquet",
+        "results/table.md",
+        "results/table.csv",
+        "results/plots/accuracy.png",
+        "results/plots/distances.png",
+    ]
+
+
+##### params: JSON handed to the CLI (exactly the config the stage depends on) #####
+
+
+def _settings(section):
+    return json.dumps({**section, "seed": config["seed"], "device": config["device"]}, sort_keys=True)
+
+
+def _dataset_spec(name, split):
+    """A dataset entry plus its name, with only the split the job reads (so editing another split
+    re-runs nothing)."""
+    d = config["datasets"][name]
+    spec = {k: v for k, v in d.items() if k != "splits"}
+    spec.update(name=name, splits={split: d["splits"][split]})
+    return json.dumps(spec, sort_keys=True)
+
+
+def model_spec_param(wildcards):
+    m = config["models"][wildcards.model]
+    spec = {
+        "name": wildcards.model,
+        "backbone": m["backbone"],
+        "kwargs": m["kwargs"],
+        "checkpoint": model_checkpoint(wildcards.model),
+    }
+    return json.dumps(spec, sort_keys=True)
+
+
+def pretrain_model_spec_param(wildcards):
+    m = config["models"][wildcards.model]
+    spec = {"name": wildcards.model, "backbone": m["backbone"], "kwargs": m["kwargs"], "checkpoint": None}
+    return json.dumps(spec, sort_keys=True)
+
+
+def pretrain_dataset_param(wildcards):
+    pre = config["models"][wildcards.model]["pretrain"]
+    return _dataset_spec(pre["dataset"], pre["split"])
+
+
+def pretrain_settings_param(wildcards):
+    return _settings(config["models"][wildcards.model]["pretrain"])
+
+
+def extract_dataset_param(wildcards):
+    return _dataset_spec(wildcards.dataset, wildcards.split)
+
+
+def extract_settings_param(wildcards):
+    return _settings(config["extract"])
+
+
+def probe_settings_param(wildcards):
+    return _settings(config["probe"])
+
+
+def train_settings_param(wildcards):
+    return _settings(config["train"])
+
+
+def evaluate_settings_param(wildcards):
+    return json.dumps({"probe": config["probe"], "seed": config["seed"], "device": config["device"]}, sort_keys=True)
+
+
+def cache_root():
+    return config["cache_root"]
+
+
+##### resources #####
+
+
+def train_gpu(wildcards):
+    """lfm trains from the cache alone; the other methods run the target tail on the accelerator."""
+    return 0 if wildcards.method == "lfm" else 1
+
+
+def train_mem_mb(wildcards):
+    return 2000 if wildcards.method == "lfm" else 4000
+
+
+##### wildcard constraints #####
+
+
+def pretrain_model_regex():
+    names = pretrained_models()
+    return "|".join(names) if names else "(?!x)x"  # never matches without pretrained models
+
+
+_check_config(config)

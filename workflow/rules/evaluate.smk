@@ -1,0 +1,54 @@
+# Base-model linear probes and the evaluation of every trained stitch (stitched features are
+# exported into the cache, probed, and the distances d_l / d_L measured on the val split).
+
+
+rule probe:
+    input:
+        train="results/features/{dataset}/{model}/train.json",
+        val="results/features/{dataset}/{model}/val.json",
+    output:
+        probe="results/probes/{dataset}/{model}.json",
+    log:
+        "logs/probe/{dataset}/{model}.log",
+    params:
+        settings=probe_settings_param,
+    conda:
+        "../envs/stitchcache.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m stitchcache probe --train {input.train:q} --val {input.val:q}"
+        " --settings {params.settings:q} --out {output.probe:q} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        checkpoint="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/checkpoint.pt",
+        src_train="results/features/{dataset}/{src}/train.json",
+        src_val="results/features/{dataset}/{src}/val.json",
+        tgt_train="results/features/{dataset}/{tgt}/train.json",
+        tgt_val="results/features/{dataset}/{tgt}/val.json",
+    output:
+        evaluation="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/eval.json",
+    log:
+        "logs/evaluate/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.tsv"
+    params:
+        settings=evaluate_settings_param,
+        cache_root=cache_root(),
+    conda:
+        "../envs/stitchcache.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "python -m stitchcache evaluate --checkpoint {input.checkpoint:q}"
+        " --src-train {input.src_train:q} --src-val {input.src_val:q}"
+        " --tgt-train {input.tgt_train:q} --tgt-val {input.tgt_val:q}"
+        " --cache-root {params.cache_root:q} --settings {params.settings:q}"
+        " --out {output.evaluation:q} > {log:q} 2>&1"

@@ -1,0 +1,44 @@
+# Collect every evaluation and base probe into one table (Parquet, CSV, Markdown), then plot it.
+
+
+rule table:
+    input:
+        evals=all_evals(),
+        probes=all_probes(),
+    output:
+        parquet="results/table.parquet",
+        csv="results/table.csv",
+        md="results/table.md",
+    log:
+        "logs/table.log",
+    params:
+        out_dir=output_dir,
+    conda:
+        "../envs/stitchcache.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m stitchcache table --evals {input.evals:q} --probes {input.probes:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule plot:
+    input:
+        table="results/table.parquet",
+    output:
+        accuracy="results/plots/accuracy.png",
+        distances="results/plots/distances.png",
+    log:
+        "logs/plot.log",
+    params:
+        out_dir=output_dir,
+    conda:
+        "../envs/stitchcache.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m stitchcache plot --table {input.table:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
