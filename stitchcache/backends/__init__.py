@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from .base import Backbone, BackboneFacts, Preprocess
 from .weights import WeightsNotFound, weights_digest
 
@@ -40,7 +42,14 @@ def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backb
     """
     lib, arch = parse_name(name)
     module = importlib.import_module(_LIBRARIES[lib])
-    bb = module.build(arch, checkpoint=checkpoint, **kwargs)
+    if checkpoint is None:
+        # random init is seeded, so a spec without weights always means the same network
+        # (its cache key says "random-init", and that must not mix different weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            bb = module.build(arch, checkpoint=checkpoint, **kwargs)
+    else:
+        bb = module.build(arch, checkpoint=checkpoint, **kwargs)
     return bb.freeze()
 
 
