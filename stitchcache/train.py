@@ -78,7 +78,7 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(batch[0])
+                total += float(loss.detach()) * len(batch[0])
                 n += len(batch[0])
             module.eval()
             with torch.no_grad(), autocast(device):
