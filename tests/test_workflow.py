@@ -352,6 +352,10 @@ def test_params_only_reruns(tmp_path, fake_cli):
     stats = plan(lambda c: c["datasets"]["fmnist"]["splits"]["val"].update(count=64))
     assert stats["extract"] == 2 and "pretrain" not in stats
 
+    # a smaller grid: the existing stitches stay valid, only the table and plots are redone
+    assert plan(lambda c: c["stitch"].update(layers=[1], methods=["lfm", "ffm"])) == {
+        "table": 1, "plot": 1, "all": 1}
+
     # actually re-running after a train-only change calls no extract / pretrain
     n_before = len(read_calls(calls))
     cfg = copy.deepcopy(base)
