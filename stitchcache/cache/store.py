@@ -57,6 +57,10 @@ class FeatureStore:
             )
         self.group = zarr.open_group(str(self.path), mode="r")
         self.attrs = dict(self.group.attrs)
+        try:  # `stitchcache cache ls` shows when a store was last read (best effort: may be read-only)
+            (self.path / "last_used").touch()
+        except OSError:
+            pass
 
     @staticmethod
     def is_complete(path) -> bool:
@@ -148,6 +152,10 @@ class StoreWriter:
                                      "dtype": dtype, "chunk_size": self.chunk_size, "compressor": compressor,
                                      "num_tokens": shape[1], "width": shape[2]})
         self.progress.mkdir(exist_ok=True)
+        # write_empty_chunks is a runtime setting zarr does not persist: open every array with it, or
+        # chunks equal to the fill value (e.g. all-zero labels) are silently never written
+        names = [layer_name(l) for l in self.layers] + ["final", "labels"]
+        self.arrays = {n: self.group[n].with_config({"write_empty_chunks": True}) for n in names}
 
     @property
     def num_chunks(self) -> int:
@@ -162,9 +170,9 @@ class StoreWriter:
     def write_chunk(self, ci: int, layers: dict[int, np.ndarray], final: np.ndarray, labels: np.ndarray) -> None:
         a, b = self.chunk_range(ci)
         for l in self.layers:
-            self.group[layer_name(l)][a:b] = layers[l]
-        self.group["final"][a:b] = final
-        self.group["labels"][a:b] = labels
+            self.arrays[layer_name(l)][a:b] = layers[l]
+        self.arrays["final"][a:b] = final
+        self.arrays["labels"][a:b] = labels
         (self.progress / f"chunk_{ci:06d}").touch()  # recorded only after every array has the chunk
 
     def finalize(self, extra: dict | None = None) -> None:

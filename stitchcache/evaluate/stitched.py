@@ -106,6 +106,7 @@ def evaluate(args) -> dict:
         "head_acc": head_accuracy(head, exported["val"], device) if head is not None else None,
         "d_l": dist["d_l"], "d_L": dist["d_L"], "lr": ckpt["train"]["lr"], "epochs": ckpt["train"]["epochs"],
         "train_seconds": ckpt["train"]["train_seconds"], "eval_seconds": time.time() - t0,
+        "exported_train": str(exported["train"].path), "exported_val": str(exported["val"].path),
     }
     return result
 
