@@ -361,7 +361,10 @@ def test_params_only_reruns(tmp_path, fake_cli):
     cfg = copy.deepcopy(base)
     cfg["train"]["max_epochs"] = 3
     write_config(wd, cfg, "changed.yaml")
-    snakemake(wd, "--cores", "2", config="changed.yaml", pythonpath=fake, timeout=600)
+    # ... this time with the default profile (it supplies cores and the gpu resource)
+    proc = snakemake(wd, "--workflow-profile", "workflow/profiles/default", config="changed.yaml", pythonpath=fake,
+                     timeout=600)
+    assert 'gpu=Resource("gpu", 1)' in proc.stdout + proc.stderr
     rerun = {c[0] for c in read_calls(calls)[n_before:]}
     assert rerun == {"train", "evaluate", "table", "plot"}
     assert "Nothing to be done" in snakemake(wd, "-n", config="changed.yaml", pythonpath=fake).stdout
