@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("stitchcache.train", "configure_parser", "main", "train a stitch layer (lfm, ffm, tlt, ffm_tlt)"),
     "evaluate": ("stitchcache.evaluate.stitched", "configure_parser", "main", "evaluate a trained stitch"),
     "table": ("stitchcache.report.cli", "configure_table_parser", "run_table", "results table (Parquet, CSV, Markdown)"),
+    "plan": ("stitchcache.plan", "configure_parser", "main", "bytes and time an experiment will need, before any work"),
     "cache": ("stitchcache.cache.manage", "configure_parser", "main", "cache ls | du | verify | gc"),
     "plot": ("stitchcache.report.cli", "configure_plot_parser", "run_plot", "plots of accuracy and distances by layer"),
 }
