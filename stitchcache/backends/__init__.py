@@ -36,10 +36,18 @@ def parse_name(name: str) -> tuple[str, str]:
 def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backbone:
     """Build a frozen backbone.
 
-    name: 'timm:ARCH', 'open_clip:ARCH_OR_CONFIG_JSON', 'hf:LOCAL_DIR_OR_HUB_ID'.
+    name: 'timm:ARCH', 'open_clip:ARCH_OR_CONFIG_JSON', 'hf:LOCAL_DIR_OR_HUB_ID', or a registry name
+      ('dinov2-l14', 'clip-l14@open_clip', ... see ``registry.list_models()``; its weights are looked up
+      under ``weights_root=`` / $STITCHCACHE_WEIGHTS unless ``checkpoint`` is given).
     checkpoint: local weights file (or directory); None builds random-init weights (tests).
     kwargs: passed to the library's own constructor (e.g. a tiny config: depth=2, embed_dim=32).
     """
+    from .registry import is_registered, resolve_model
+
+    weights_root = kwargs.pop("weights_root", None)
+    if is_registered(name):
+        spec = resolve_model({"name": name, "checkpoint": checkpoint, "kwargs": kwargs}, weights_root=weights_root)
+        name, checkpoint, kwargs = spec["name"], spec["checkpoint"], spec["kwargs"]
     lib, arch = parse_name(name)
     module = importlib.import_module(_LIBRARIES[lib])
     if checkpoint is None:
@@ -62,12 +70,17 @@ def backbone_from_spec(spec: dict) -> Backbone:
     return create_backbone(name, checkpoint=checkpoint, **kwargs)
 
 
+from .registry import check_grids, image_size_for_grid, resolve_model  # noqa: E402
+
 __all__ = [
     "Backbone",
     "BackboneFacts",
     "Preprocess",
     "WeightsNotFound",
     "backbone_from_spec",
+    "check_grids",
+    "image_size_for_grid",
+    "resolve_model",
     "create_backbone",
     "parse_name",
     "weights_digest",

@@ -105,7 +105,7 @@ def build(arch: str, checkpoint: str | None = None, **kwargs) -> TimmBackbone:
         overlay["file"] = str(path)
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
-        if arch not in timm.list_models():
+        if not timm.is_model(arch):  # (list_models() has no pretrained tags: "arch.tag" names are valid)
             raise ValueError(f"timm has no architecture {arch!r} (timm {timm.__version__})")
         model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
     return TimmBackbone(model, spec)
