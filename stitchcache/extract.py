@@ -81,7 +81,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     layers = resolve_layers(settings.get("layers", "all"), bb.depth)
     dtype = settings.get("dtype", "float16")
     facts = bb.describe()
-    parts = feature_key_parts(backbone_facts=facts, weights_digest=weights_digest(model_spec.get("checkpoint")),
+    parts = feature_key_parts(backbone_facts=facts, weights_digest=weights_digest(bb.spec.get("checkpoint")),
                               manifest_digest=data.digest(), layers=layers, dtype=dtype)
     key = content_key(parts)
     path = store_path_for(cache_root, key)

@@ -31,6 +31,10 @@ class Preprocess:
     std: tuple[float, ...]
     interpolation: str = "bicubic"
     channels: int = 3  # grayscale images are repeated to this many channels
+    # shortest:    shorter side -> resize, centre crop (torchvision, timm, open_clip CLIP)
+    # shortest_hf: the same with floored crop offsets (HF image processors: DINOv2, CLIP)
+    # squash:      resize straight to size, aspect ratio not kept (SigLIP, HF DINOv3)
+    resize_mode: str = "shortest"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -48,6 +52,7 @@ class Preprocess:
             std=tuple(d["std"]),
             interpolation=d.get("interpolation", "bicubic"),
             channels=int(d.get("channels", 3)),
+            resize_mode=d.get("resize_mode", "shortest"),
         )
 
     def transform(self):
@@ -64,15 +69,24 @@ class Preprocess:
         def to_channels(img):
             return img.convert("RGB") if channels == 3 else img.convert("L")
 
-        return T.Compose(
-            [
-                T.Lambda(to_channels),
-                T.Resize(self.resize, interpolation=interp),
-                T.CenterCrop(self.size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        if self.resize_mode == "shortest":
+            resize = [T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.size)]
+        elif self.resize_mode == "squash":
+            resize = [T.Resize(tuple(self.size), interpolation=interp)]
+        elif self.resize_mode == "shortest_hf":
+            ch, cw = self.size
+
+            def floor_center_crop(img):
+                w, h = img.size
+                if w < cw or h < ch:
+                    return T.functional.center_crop(img, [ch, cw])
+                top, left = (h - ch) // 2, (w - cw) // 2
+                return img.crop((left, top, left + cw, top + ch))
+
+            resize = [T.Resize(self.resize, interpolation=interp), T.Lambda(floor_center_crop)]
+        else:
+            raise ValueError(f"unsupported resize_mode {self.resize_mode!r} (shortest | shortest_hf | squash)")
+        return T.Compose([T.Lambda(to_channels), *resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
 @dataclass

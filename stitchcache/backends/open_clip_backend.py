@@ -35,58 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-@dataclasses.dataclass(frozen=True)
-class ResizePreprocess(Preprocess):
-    """``Preprocess`` with a resize mode other than torchvision's 'shortest side + centre crop'.
-
-    ``resize_mode='squash'``: resize straight to ``size`` (aspect ratio not kept), as open_clip's
-    SigLIP configs and the HF SigLIP / DINOv3 image processors do.
-    ``resize_mode='shortest_hf'``: shorter side to ``resize``, then a centre crop whose offsets are
-    floored, as HF image processors do (torchvision's CenterCrop rounds them: a one-pixel shift whenever
-    the resized side minus the crop is odd).
-    The mode is part of ``to_dict`` and so of every cache key. (Only used when the mode is not 'shortest',
-    so keys of other models are unchanged.)
-    """
-
-    resize_mode: str = "shortest"
-
-    def transform(self):
-        if self.resize_mode == "shortest":
-            return super().transform()
-        if self.resize_mode not in ("squash", "shortest_hf"):
-            raise ValueError(f"unsupported resize_mode {self.resize_mode!r} "
-                             "(supported: 'shortest', 'shortest_hf', 'squash')")
-        from torchvision import transforms as T
-
-        interp = {
-            "bicubic": T.InterpolationMode.BICUBIC,
-            "bilinear": T.InterpolationMode.BILINEAR,
-            "nearest": T.InterpolationMode.NEAREST,
-        }[self.interpolation]
-        channels = self.channels
-
-        def to_channels(img):
-            return img.convert("RGB") if channels == 3 else img.convert("L")
-
-        if self.resize_mode == "squash":
-            resize = [T.Resize(tuple(self.size), interpolation=interp)]
-        else:
-            ch, cw = self.size
-
-            def floor_center_crop(img):
-                w, h = img.size
-                if w < cw or h < ch:
-                    return T.functional.center_crop(img, [ch, cw])
-                top, left = (h - ch) // 2, (w - cw) // 2
-                return img.crop((left, top, left + cw, top + ch))
-
-            resize = [T.Resize(self.resize, interpolation=interp), T.Lambda(floor_center_crop)]
-        return T.Compose([T.Lambda(to_channels), *resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
-
-
 def make_preprocess(size, mean, std, interpolation="bicubic", resize_mode="shortest", resize=None,
                     channels=3) -> Preprocess:
-    """A ``Preprocess`` (plain when the mode is 'shortest', ``ResizePreprocess`` otherwise)."""
+    """A ``Preprocess`` from library-style arguments (see ``Preprocess.resize_mode``)."""
     size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
     common = dict(
         size=size,
@@ -96,10 +47,8 @@ def make_preprocess(size, mean, std, interpolation="bicubic", resize_mode="short
         interpolation=str(interpolation),
         channels=int(channels),
     )
-    if resize_mode == "shortest":
-        return Preprocess(**common)
-    if resize_mode in ("squash", "shortest_hf"):
-        return ResizePreprocess(**common, resize_mode=resize_mode)
+    if resize_mode in ("shortest", "squash", "shortest_hf"):
+        return Preprocess(**common, resize_mode=resize_mode)
     raise ValueError(
         f"resize_mode {resize_mode!r} is not supported (supported: 'shortest', 'shortest_hf', 'squash'); "
         "override it with force_preprocess_cfg={'resize_mode': 'shortest'}"
