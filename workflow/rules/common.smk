@@ -5,6 +5,7 @@ Rules only reference the functions defined here; no logic lives in the rule file
 
 import json
 import os
+import shutil
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -254,9 +255,30 @@ def cache_root():
 ##### resources #####
 
 
+def accelerator_in_use():
+    """Whether backbone jobs will run on a GPU: `device: cuda`, or `device: auto` on a machine that
+    shows one. Without one, `gpu` resources are 0 so CPU-only machines run those jobs side by side.
+    (On a cluster whose submit host has no GPU, set `device: cuda`.)"""
+    device = config["device"]
+    if device != "auto":
+        return device == "cuda"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return shutil.which("nvidia-smi") is not None
+
+
+GPU = 1 if accelerator_in_use() else 0
+
+
+def gpu_resource(wildcards):
+    """pretrain, extract, evaluate: run a backbone."""
+    return GPU
+
+
 def train_gpu(wildcards):
     """lfm trains from the cache alone; the other methods run the target tail on the accelerator."""
-    return 0 if wildcards.method == "lfm" else 1
+    return 0 if wildcards.method == "lfm" else GPU
 
 
 def train_mem_mb(wildcards):

@@ -14,7 +14,7 @@ rule probe:
         settings=probe_settings_param,
     conda:
         "../envs/stitchcache.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
@@ -41,11 +41,11 @@ rule evaluate:
         cache_root=cache_root(),
     conda:
         "../envs/stitchcache.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1,
+        gpu=gpu_resource,
     shell:
         "python -m stitchcache evaluate --checkpoint {input.checkpoint:q}"
         " --src-train {input.src_train:q} --src-val {input.src_val:q}"

@@ -18,11 +18,11 @@ rule extract:
         cache_root=cache_root(),
     conda:
         "../envs/stitchcache.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1,
+        gpu=gpu_resource,
     shell:
         "python -m stitchcache extract --model-spec {params.model:q} --dataset-spec {params.dataset:q}"
         " --split {wildcards.split:q} --cache-root {params.cache_root:q} --settings {params.settings:q}"

@@ -17,11 +17,11 @@ rule pretrain:
         settings=pretrain_settings_param,
     conda:
         "../envs/stitchcache.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1,
+        gpu=gpu_resource,
     shell:
         "python -m stitchcache pretrain --model-spec {params.model:q} --dataset-spec {params.dataset:q}"
         " --settings {params.settings:q} --out {output.model:q} > {log:q} 2>&1"

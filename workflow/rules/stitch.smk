@@ -22,7 +22,7 @@ rule train:
         init=init_arg,
     conda:
         "../envs/stitchcache.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=train_mem_mb,
         runtime=60,
