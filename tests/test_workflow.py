@@ -288,8 +288,12 @@ def test_models_without_pretrain_and_without_self_stitch(tmp_path):
                      "table": 1, "plot": 1, "all": 1}
 
 
-def test_resources_and_gpu_declarations(tmp_path):
-    wd = make_workdir(tmp_path)
+@pytest.mark.parametrize("device, gpu", [("cuda", "1"), ("cpu", "0")])
+def test_resources_and_gpu_declarations(tmp_path, device, gpu):
+    """Backbone rules ask for a GPU when one is used; on CPU they declare none and run side by side."""
+    cfg = load_yaml(TINY)
+    cfg["device"] = device
+    wd = make_workdir(tmp_path, cfg)
     proc = snakemake(wd, "-n")
     text = proc.stdout
     seen = {}
@@ -304,7 +308,7 @@ def test_resources_and_gpu_declarations(tmp_path):
             method = re.search(r"wildcards: .*method=(\w+)", block).group(1)
             rule = "train_lfm" if method == "lfm" else "train_tail"
         seen.setdefault(rule, set()).add(res.get("gpu", "0"))
-    assert seen == {"pretrain": {"1"}, "extract": {"1"}, "train_tail": {"1"}, "evaluate": {"1"},
+    assert seen == {"pretrain": {gpu}, "extract": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
                     "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"}}
 
 
