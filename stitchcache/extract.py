@@ -1,8 +1,10 @@
 """extract: one forward pass per batch captures h_0..h_L and the final tokens into a FeatureStore.
 
-Resumable by chunk: finished chunks are skipped, so a killed job continues where it stopped.
-Decoding/preprocessing run in DataLoader workers; chunk writes run in a background thread while
-the next batches are computed.
+Resumable by chunk (or by shard, with extract.shard_size): finished units are skipped, so a killed
+job continues where it stopped. Decoding/preprocessing run in DataLoader workers; tokens are
+copied (on CUDA: non_blocking into pinned host buffers; int8 quantised on the device first) into a
+small recycled pool of unit buffers, and unit writes run in a background thread while the next
+batches are computed.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from .backends import create_backbone, weights_digest
 from .cache import FeatureStore, StoreWriter, content_key, feature_key_parts
+from .cache.quant import Quantized, quantize_torch
 from .data import open_split
 from .runtime import json_arg, log, pick_device, set_threads, write_json
 
@@ -48,30 +51,105 @@ def store_path_for(cache_root, key: str) -> Path:
 
 
 class _Writer(threading.Thread):
-    """Writes finished chunks in the background (bounded queue: at most 2 chunks in flight)."""
+    """Writes finished units (chunks, or whole shards) in the background while the next batches are
+    computed. Host buffers come from a small pool that is recycled after each write, so host memory
+    is ``pool`` units however large the split: 3 chunks (one filling, at most two in flight) or 2
+    shards (one filling, one being written)."""
 
-    def __init__(self, writer: StoreWriter):
+    def __init__(self, writer: StoreWriter, pool: int, make_buffer):
         super().__init__(daemon=True)
-        self.writer, self.q, self.error = writer, queue.Queue(maxsize=2), None
+        self.writer, self.q, self.free = writer, queue.Queue(), queue.Queue()
+        self.pool, self.created, self.make_buffer, self.error = pool, 0, make_buffer, None
 
     def run(self):
-        while (item := self.q.get()) is not None:
+        while (buf := self.q.get()) is not None:
             try:
-                self.writer.write_chunk(*item)
-            except BaseException as e:  # surfaced by put()/join_checked()
+                if buf.event is not None:  # the non_blocking device->host copies have landed
+                    buf.event.synchronize()
+                self.writer.write_unit(buf.unit, *buf.payload())
+            except BaseException as e:  # surfaced by acquire()/put()/join_checked()
                 self.error = e
                 return
+            self.free.put(buf)
 
-    def put(self, item):
+    def acquire(self) -> "_UnitBuffer":
+        """A free host buffer (blocks while all are in flight)."""
+        while True:
+            if self.error:
+                raise self.error
+            try:
+                return self.free.get_nowait()
+            except queue.Empty:
+                pass
+            if self.created < self.pool:
+                self.created += 1
+                return self.make_buffer()
+            try:
+                return self.free.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def put(self, buf: "_UnitBuffer"):
         if self.error:
             raise self.error
-        self.q.put(item)
+        self.q.put(buf)
 
     def join_checked(self):
         self.q.put(None)
         self.join()
         if self.error:
             raise self.error
+
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
+
+
+class _UnitBuffer:
+    """Preallocated host arrays for one unit (chunk or shard): tokens of every captured layer and
+    the final tokens (int8 + float32 scales for int8 stores), labels. Pinned on CUDA so the
+    device->host copies are asynchronous (non_blocking); plain memory on CPU."""
+
+    def __init__(self, size: int, keys: list, num_tokens: int, width: int, dtype: str, pin: bool):
+        self.dtype, self.quant = dtype, dtype == "int8"
+
+        def empty(shape, dt):
+            return torch.empty(shape, dtype=dt, pin_memory=pin) if pin else torch.empty(shape, dtype=dt)
+
+        self.tokens = {k: empty((size, num_tokens, width), _TORCH_DTYPES[dtype]) for k in keys}
+        self.scales = {k: empty((size, num_tokens), torch.float32) for k in keys} if self.quant else {}
+        self.labels = np.empty(size, np.int64)
+        self.unit, self.n, self.filled, self.event = None, 0, 0, None
+
+    def reset(self, unit: int, n: int) -> "_UnitBuffer":
+        self.unit, self.n, self.filled, self.event = unit, n, 0, None
+        return self
+
+    @property
+    def remaining(self) -> int:
+        return self.n - self.filled
+
+    def add(self, outs: dict, labels: np.ndarray, lo: int, hi: int, non_blocking: bool) -> None:
+        """Copy rows lo:hi of a batch (device tensors) to the next free rows of the buffer."""
+        f, t = self.filled, hi - lo
+        for k, h in outs.items():
+            part = h[lo:hi]
+            if self.quant:  # quantised where the forward ran: only int8 + scales cross to the host
+                q, sc = quantize_torch(part)
+                self.tokens[k][f:f + t].copy_(q, non_blocking=non_blocking)
+                self.scales[k][f:f + t].copy_(sc, non_blocking=non_blocking)
+            else:
+                self.tokens[k][f:f + t].copy_(part.to(self.tokens[k].dtype), non_blocking=non_blocking)
+        self.labels[f:f + t] = labels[lo:hi]
+        self.filled += t
+
+    def payload(self):
+        def value(k):
+            if self.quant:
+                return Quantized(self.tokens[k][: self.n].numpy(), self.scales[k][: self.n].numpy())
+            return self.tokens[k][: self.n].numpy()
+
+        layers = {k: value(k) for k in self.tokens if k != "final"}
+        return layers, value("final"), self.labels[: self.n]
 
 
 def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settings: dict) -> dict:
@@ -98,10 +176,11 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with StoreWriter(path, num_images=len(data), layers=layers, num_tokens=bb.num_tokens, width=bb.width,
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
-                     compressor=settings.get("compressor", "none")) as writer:
-        pending = writer.pending_chunks()
-        if len(pending) < writer.num_chunks:
-            log(f"resuming {path.name}: {writer.num_chunks - len(pending)} of {writer.num_chunks} chunks already written")
+                     compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size")) as writer:
+        pending = writer.pending_units()
+        if len(pending) < writer.num_units:
+            unit = "shards" if writer.shard_size else "chunks"
+            log(f"resuming {path.name}: {writer.num_units - len(pending)} of {writer.num_units} {unit} already written")
         _run(bb, data, writer, pending, layers, device, settings)
         writer.finalize()
     log(f"wrote {path}")
@@ -111,64 +190,63 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
 def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], device, settings: dict) -> None:
     if not pending:
         return
-    indices = [i for ci in pending for i in range(*writer.chunk_range(ci))]
+    indices = [i for u in pending for i in range(*writer.unit_range(u))]
+    on_cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         data.torch(bb.preprocess.transform()), batch_size=int(settings.get("batch_size", 256)),
         sampler=indices, num_workers=int(settings.get("num_workers", 2)),
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    np_dtype = np.float16 if writer.group.attrs["dtype"] == "float16" else np.float32
+        pin_memory=on_cuda, persistent_workers=False)
+    dtype = writer.dtype
     capture = sorted(set(layers) | {bb.depth})
-    bg = _Writer(writer)
+    keys = list(layers) + ["final"]
+    bg = _Writer(writer, pool=2 if writer.shard_size else 3,
+                 make_buffer=lambda: _UnitBuffer(writer.unit_size, keys, bb.num_tokens, bb.width, dtype, pin=on_cuda))
     bg.start()
-    chunk_iter = iter(pending)
-    ci = next(chunk_iter)
-    a, b = writer.chunk_range(ci)
-    buf = _ChunkBuffer(b - a)
-    bytes_per_image = (len(layers) + 1) * bb.num_tokens * bb.width * np.dtype(np_dtype).itemsize
+    units = iter(pending)
+
+    def next_buffer():
+        u = next(units, None)
+        if u is None:
+            return None
+        a, b = writer.unit_range(u)
+        return bg.acquire().reset(u, b - a)
+
+    itemsize = {"float16": 2, "float32": 4, "int8": 1}[dtype]
+    bytes_per_image = (len(layers) + 1) * bb.num_tokens * (bb.width * itemsize + (4 if dtype == "int8" else 0))
     bar = tqdm(total=len(indices), unit="img", desc=f"extract {bb.spec['name']}", file=sys.stderr,
                mininterval=2.0, dynamic_ncols=True)
     t0 = time.time()
-    with torch.inference_mode():
-        for pixels, labels, idx in loader:
-            hs = bb.forward_layers(pixels.to(device, non_blocking=True), capture)
-            z = bb.final_norm(hs[bb.depth])
-            out = {l: hs[l].to("cpu", torch.float32).numpy().astype(np_dtype) for l in layers}
-            fin = z.to("cpu", torch.float32).numpy().astype(np_dtype)
-            lab = labels.numpy().astype(np.int64)
-            pos = 0
-            while pos < len(lab):
-                take = min(len(lab) - pos, buf.remaining)
-                buf.add({l: v[pos:pos + take] for l, v in out.items()}, fin[pos:pos + take], lab[pos:pos + take])
-                pos += take
-                if buf.remaining == 0:
-                    bg.put((ci, *buf.arrays()))
-                    ci = next(chunk_iter, None)
-                    if ci is not None:
-                        a, b = writer.chunk_range(ci)
-                        buf = _ChunkBuffer(b - a)
-            bar.update(len(lab))
-            elapsed = max(time.time() - t0, 1e-6)
-            bar.set_postfix_str(f"{bar.n * bytes_per_image / elapsed / 1e6:.1f} MB/s", refresh=False)
+    try:
+        buf = next_buffer()
+        with torch.inference_mode():
+            for pixels, labels, idx in loader:
+                hs = bb.forward_layers(pixels.to(device, non_blocking=True), capture)
+                outs = {l: hs[l] for l in layers}
+                outs["final"] = bb.final_norm(hs[bb.depth])
+                lab = labels.numpy().astype(np.int64, copy=False)
+                pos = 0
+                while pos < len(lab):
+                    take = min(len(lab) - pos, buf.remaining)
+                    buf.add(outs, lab, pos, pos + take, non_blocking=on_cuda)
+                    pos += take
+                    if buf.remaining == 0:
+                        if on_cuda:
+                            buf.event = torch.cuda.Event()
+                            buf.event.record()
+                        bg.put(buf)
+                        buf = next_buffer()
+                bar.update(len(lab))
+                elapsed = max(time.time() - t0, 1e-6)
+                bar.set_postfix_str(f"{bar.n * bytes_per_image / elapsed / 1e6:.1f} MB/s", refresh=False)
+    except BaseException:
+        bar.close()
+        bg.q.put(None)  # finish (and record) the units already handed over, then re-raise
+        bg.join()
+        raise
     bar.close()
     bg.join_checked()
-
-
-class _ChunkBuffer:
-    def __init__(self, size: int):
-        self.size, self.parts = size, []
-        self.filled = 0
-
-    @property
-    def remaining(self) -> int:
-        return self.size - self.filled
-
-    def add(self, layers, final, labels):
-        self.parts.append((layers, final, labels))
-        self.filled += len(labels)
-
-    def arrays(self):
-        layers = {l: np.concatenate([p[0][l] for p in self.parts]) for l in self.parts[0][0]}
-        return layers, np.concatenate([p[1] for p in self.parts]), np.concatenate([p[2] for p in self.parts])
+    if buf is not None:
+        raise RuntimeError(f"extract: unit {buf.unit} got {buf.filled} of {buf.n} images (data loader ended early)")
 
 
 def _versions() -> dict:

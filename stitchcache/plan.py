@@ -13,7 +13,8 @@ import yaml
 
 from .cache.manage import human
 
-ITEMSIZE = {"float16": 2, "float32": 4}
+ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
+SCALE_BYTES = {"int8": 4}  # int8 stores add one float32 scale per token
 
 
 def load_config(path: str | Path) -> dict:
@@ -66,14 +67,15 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto") -> dict:
     used = [m for m in cfg["models"] if any(m in p for p in st["pairs"])]
     ds_name = st["dataset"]
     sizes = {split: split_size(cfg["datasets"][ds_name], split) for split in ("train", "val")}
-    itemsize = ITEMSIZE[cfg["extract"].get("dtype", "float16")]
+    dtype = cfg["extract"].get("dtype", "float16")
+    itemsize, scale_bytes = ITEMSIZE[dtype], SCALE_BYTES.get(dtype, 0)
     rows, total_bytes, total_seconds = [], 0, 0.0
     facts = {}
     for name in used:
         m = cfg["models"][name]
         bb = create_backbone(m["backbone"], checkpoint=None, **(m.get("kwargs") or {}))
         layers = resolve_layers(cfg["extract"].get("layers", "all"), bb.depth)
-        per_layer = bb.num_tokens * bb.width * itemsize
+        per_layer = bb.num_tokens * (bb.width * itemsize + scale_bytes)
         per_image = per_layer * (len(layers) + 1)
         ips = measure(bb, layers, dev, 64 if dev.type == "cuda" else 8) if do_measure else None
         facts[name] = (bb.num_tokens, bb.width)

@@ -72,28 +72,30 @@ def test_second_writer_is_refused(tmp_path):
 KILL_SCRIPT = r"""
 import json, sys, time
 import stitchcache.cache.store as store
-orig = store.StoreWriter.write_chunk
-def slow(self, ci, *a):
-    orig(self, ci, *a)
-    print("chunk", ci, flush=True)
+orig = store.StoreWriter.write_unit
+def slow(self, u, *a):
+    orig(self, u, *a)
+    print("unit", u, flush=True)
     time.sleep(0.4)
-store.StoreWriter.write_chunk = slow
+store.StoreWriter.write_unit = slow
 from stitchcache.extract import extract
-spec, ds, root = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-extract(spec, ds, "train", root, {"chunk_size": 4, "batch_size": 4, "num_workers": 0})
+spec, ds, root, settings = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+extract(spec, ds, "train", root, settings)
 """
 
 
-def test_kill_and_resume_gives_identical_store(tmp_path, image_folder):
+@pytest.mark.parametrize("extra", [{}, {"shard_size": 8, "dtype": "int8"}], ids=["chunks", "int8-shards"])
+def test_kill_and_resume_gives_identical_store(tmp_path, image_folder, extra):
     spec = _spec()
+    settings = {"chunk_size": 4, "batch_size": 4, "num_workers": 0, **extra}
     args = [sys.executable, "-c", KILL_SCRIPT, json.dumps(spec), json.dumps(image_folder)]
-    proc = subprocess.Popen(args + [str(tmp_path / "killed")], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(args + [str(tmp_path / "killed"), json.dumps(settings)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen = 0
-    while seen < 3:  # kill after three finished chunks, in the middle of the run
+    while seen < 3:  # kill after three finished units (chunks, or shards of 2 chunks), mid-run
         line = proc.stdout.readline()
         assert line, "extraction ended before it could be killed"
-        seen += line.startswith("chunk")
+        seen += line.startswith("unit")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (store_dir,) = [p for p in (tmp_path / "killed" / "features").iterdir() if p.is_dir()]
@@ -101,10 +103,14 @@ def test_kill_and_resume_gives_identical_store(tmp_path, image_folder):
     done_before = len(list((store_dir / "progress").iterdir()))
     assert 3 <= done_before < 12
 
-    rec = extract(spec, image_folder, "train", tmp_path / "killed", {"chunk_size": 4, "batch_size": 4, "num_workers": 0})
-    ref = extract(spec, image_folder, "train", tmp_path / "clean", {"chunk_size": 4, "batch_size": 4, "num_workers": 0})
+    rec = extract(spec, image_folder, "train", tmp_path / "killed", settings)
+    ref = extract(spec, image_folder, "train", tmp_path / "clean", settings)
     a, b = FeatureStore(rec["store"]), FeatureStore(ref["store"])
-    for name in ["final", "labels"] + [f"layer_{l:02d}" for l in a.layers]:
+    names = ["final", "labels"] + [f"layer_{l:02d}" for l in a.layers]
+    if extra.get("dtype") == "int8":
+        names += [n + "_scale" for n in names if n != "labels"]
+        assert a.group["final"].shards[0] == 8
+    for name in names:
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
 
 

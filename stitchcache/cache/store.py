@@ -6,8 +6,14 @@ Layout of ``<cache_root>/features/<key>/``::
     layer_00 ... layer_LL     (N, T, D) tokens after block l (layer_00 = embeddings)
     final                     (N, T, D) final-norm tokens (pre-logit)
     labels                    (N,) int64
-    progress/chunk_000012     marker: every array's chunk 12 is written (resume unit)
+    <array>_scale             (N, T) float32 per-token scales, only when dtype is int8 (see quant.py)
+    progress/chunk_000012     marker: every array's chunk 12 is written
     COMPLETE                  written last, atomically: the store is finished and may be read
+
+The unit of work and of resume is a chunk of whole images, or, when the store is sharded
+(``shard_size``: Zarr's sharding codec, several chunks per file), a whole shard: a shard is always
+written whole, and the markers of all its chunks are created after every array has the shard, so a
+restarted job rewrites any shard whose markers are not all there.
 
 A writer holds an exclusive lock (``<store>.lock``, fcntl) so two jobs never write one store.
 """
@@ -22,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-DTYPES = {"float16": "float16", "float32": "float32"}
+from .quant import SCALE_DTYPE, SCALE_SUFFIX, Quantized, QuantizedArray, dequantize, quantize
+
+DTYPES = {"float16": "float16", "float32": "float32", "int8": "int8"}
 
 
 def layer_name(l: int) -> str:
@@ -74,27 +82,64 @@ class FeatureStore:
     def layers(self) -> list[int]:
         return list(self.attrs["layers"])
 
-    def layer(self, l: int) -> zarr.Array:
+    @property
+    def dtype(self) -> str:
+        return str(self.attrs.get("dtype", "float16"))
+
+    @property
+    def shard_size(self) -> int | None:
+        s = self.attrs.get("shard_size")
+        return int(s) if s else None
+
+    def _tokens(self, name: str):
+        """A token array as readers see it: the zarr array, or for int8 stores a QuantizedArray
+        (same shape/chunks, slices dequantised to float32)."""
+        if self.dtype == "int8":
+            return QuantizedArray(self.group[name], self.group[name + SCALE_SUFFIX])
+        return self.group[name]
+
+    def layer(self, l: int):
         if int(l) not in self.layers:
             raise KeyError(
                 f"feature store {self.path.name} ({self.attrs.get('model_name', '?')}) has no layer {l}; "
                 f"it holds layers {self.layers}"
             )
-        return self.group[layer_name(l)]
+        return self._tokens(layer_name(l))
 
     @property
-    def final(self) -> zarr.Array:
-        return self.group["final"]
+    def final(self):
+        return self._tokens("final")
 
     @property
     def labels(self) -> zarr.Array:
         return self.group["labels"]
 
-    def array(self, name: str | int) -> zarr.Array:
-        """'final', 'labels' or a layer index."""
+    def array(self, name: str | int):
+        """'final', 'labels' or a layer index (or 'layer_06')."""
         if isinstance(name, int) or str(name).isdigit():
             return self.layer(int(name))
+        if name == "labels":
+            return self.labels
+        if name == "final" or str(name).startswith("layer_"):
+            if str(name).startswith("layer_"):
+                return self.layer(int(str(name)[6:]))
+            return self._tokens(name)
         return self.group[name]
+
+    def dask(self, name: str | int = "final"):
+        """A dask array over 'final', 'labels' or a layer (index or 'layer_06') for analytics:
+        one dask chunk per Zarr shard (or chunk); int8 stores are dequantised lazily to float32."""
+        import dask.array as da
+
+        def load(z):
+            shards = getattr(z, "shards", None)
+            return da.from_zarr(z, chunks=shards or z.chunks)
+
+        arr = self.array(name)
+        if isinstance(arr, QuantizedArray):
+            q, s = load(arr.q), load(arr.scale)
+            return q.astype(np.float32) * s[..., None]
+        return load(arr)
 
 
 def open_store(path: str | os.PathLike) -> FeatureStore:
@@ -111,11 +156,19 @@ def open_record(path: str | os.PathLike) -> tuple[dict, FeatureStore]:
 
 
 class StoreWriter:
-    """Creates (or resumes) a store; chunks of whole images are the unit of work and of resume."""
+    """Creates (or resumes) a store. The unit of work and of resume is a chunk of whole images, or
+    a whole shard when ``shard_size`` is set (images per shard, a multiple of ``chunk_size``).
+
+    Write with ``write_unit(u, layers, final, labels)`` (``pending_units()`` lists what is left);
+    ``write_chunk`` / ``pending_chunks`` are the same for unsharded stores. Token values are float
+    arrays, or for int8 stores optionally ``quant.Quantized(q, scale)`` already quantised.
+    """
 
     def __init__(self, path, *, num_images: int, layers: list[int], num_tokens: int, width: int,
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
-                 compressor: str = "none"):
+                 compressor: str = "none", shard_size: int | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(str(self.path) + ".lock", "a+")
@@ -129,33 +182,61 @@ class StoreWriter:
         self._lock_file.write(f"{os.uname().nodename}:{os.getpid()}\n")
         self._lock_file.flush()
         self.num_images, self.chunk_size = int(num_images), int(chunk_size)
+        self.shard_size = int(shard_size) if shard_size else None
+        self.dtype = dtype
         self.layers = sorted(int(l) for l in layers)
         self.progress = self.path / "progress"
         shape = (self.num_images, int(num_tokens), int(width))
-        if (self.path / "zarr.json").exists():
-            self.group = zarr.open_group(str(self.path), mode="r+")
-            old = dict(self.group.attrs)
-            if old.get("key_parts") != (attrs or {}).get("key_parts"):
-                raise RuntimeError(f"store {str(self.path)!r} exists with different inputs; refusing to mix")
-            self.chunk_size = int(old["chunk_size"])
-        else:
-            self.group = zarr.open_group(str(self.path), mode="w")
-            codec = _compressor(compressor)
-            kw = dict(dtype=DTYPES[dtype], chunks=(self.chunk_size, shape[1], shape[2]), compressors=codec,
-                      dimension_names=("image", "token", "channel"), config={"write_empty_chunks": True})
-            for l in self.layers:
-                self.group.create_array(layer_name(l), shape=shape, **kw)
-            self.group.create_array("final", shape=shape, **kw)
-            self.group.create_array("labels", shape=(self.num_images,), dtype="int64", chunks=(self.chunk_size,),
-                                    dimension_names=("image",), config={"write_empty_chunks": True})
-            self.group.attrs.update({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,
-                                     "dtype": dtype, "chunk_size": self.chunk_size, "compressor": compressor,
-                                     "num_tokens": shape[1], "width": shape[2]})
+        try:
+            if (self.path / "zarr.json").exists():
+                self.group = zarr.open_group(str(self.path), mode="r+")
+                old = dict(self.group.attrs)
+                if old.get("key_parts") != (attrs or {}).get("key_parts"):
+                    raise RuntimeError(f"store {str(self.path)!r} exists with different inputs; refusing to mix")
+                # the geometry on disk wins over this call's settings (they are not part of the key)
+                self.chunk_size = int(old["chunk_size"])
+                self.shard_size = int(old["shard_size"]) if old.get("shard_size") else None
+                self.dtype = old.get("dtype", dtype)
+            else:
+                self._create(shape, attrs, compressor)
+        except BaseException:
+            self.close()
+            raise
         self.progress.mkdir(exist_ok=True)
         # write_empty_chunks is a runtime setting zarr does not persist: open every array with it, or
         # chunks equal to the fill value (e.g. all-zero labels) are silently never written
-        names = [layer_name(l) for l in self.layers] + ["final", "labels"]
+        self.token_names = [layer_name(l) for l in self.layers] + ["final"]
+        names = self.token_names + ["labels"]
+        if self.dtype == "int8":
+            names += [n + SCALE_SUFFIX for n in self.token_names]
         self.arrays = {n: self.group[n].with_config({"write_empty_chunks": True}) for n in names}
+
+    def _create(self, shape, attrs, compressor) -> None:
+        C, S = self.chunk_size, self.shard_size
+        if S is not None:
+            if S < 1 or S % C:
+                raise ValueError(f"shard_size ({S}) must be a positive multiple of chunk_size ({C})")
+            S = self.shard_size = min(S, max(C, -(-self.num_images // C) * C))  # no shard larger than the data
+        self.group = zarr.open_group(str(self.path), mode="w")
+        codec = _compressor(compressor)
+        common = dict(compressors=codec, config={"write_empty_chunks": True})
+        tok = dict(chunks=(C, shape[1], shape[2]), shards=(S, shape[1], shape[2]) if S else None,
+                   dimension_names=("image", "token", "channel"), **common)
+        names = [layer_name(l) for l in self.layers] + ["final"]
+        for n in names:
+            self.group.create_array(n, shape=shape, dtype=DTYPES[self.dtype], **tok)
+            if self.dtype == "int8":
+                self.group.create_array(n + SCALE_SUFFIX, shape=shape[:2], dtype=SCALE_DTYPE,
+                                        chunks=(C, shape[1]), shards=(S, shape[1]) if S else None,
+                                        dimension_names=("image", "token"), config={"write_empty_chunks": True})
+        self.group.create_array("labels", shape=(self.num_images,), dtype="int64", chunks=(C,),
+                                shards=(S,) if S else None, dimension_names=("image",),
+                                config={"write_empty_chunks": True})
+        self.group.attrs.update({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,
+                                 "dtype": self.dtype, "chunk_size": C, "shard_size": S,
+                                 "compressor": compressor, "num_tokens": shape[1], "width": shape[2],
+                                 **({"quantization": "int8 symmetric per token, <array>_scale float32 (N, T)"}
+                                    if self.dtype == "int8" else {})})
 
     @property
     def num_chunks(self) -> int:
@@ -167,13 +248,51 @@ class StoreWriter:
     def pending_chunks(self) -> list[int]:
         return [ci for ci in range(self.num_chunks) if not (self.progress / f"chunk_{ci:06d}").exists()]
 
+    # -- units: a chunk, or a whole shard in sharded stores ---------------------------------------
+    @property
+    def unit_size(self) -> int:
+        return self.shard_size or self.chunk_size
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_images // self.unit_size)
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        return u * self.unit_size, min((u + 1) * self.unit_size, self.num_images)
+
+    def unit_chunks(self, u: int) -> range:
+        per = self.unit_size // self.chunk_size
+        return range(u * per, min((u + 1) * per, self.num_chunks))
+
+    def pending_units(self) -> list[int]:
+        done = {p.name for p in self.progress.iterdir()} if self.progress.is_dir() else set()
+        return [u for u in range(self.num_units)
+                if any(f"chunk_{ci:06d}" not in done for ci in self.unit_chunks(u))]
+
+    def write_unit(self, u: int, layers: dict, final, labels: np.ndarray) -> None:
+        """Write images unit_range(u) of every array, then record the unit's chunks as written."""
+        a, b = self.unit_range(u)
+        for name, value in [(layer_name(l), layers[l]) for l in self.layers] + [("final", final)]:
+            self._write_tokens(name, a, b, value)
+        self.arrays["labels"][a:b] = np.asarray(labels, dtype=np.int64)
+        for ci in self.unit_chunks(u):  # recorded only after every array has the whole unit
+            (self.progress / f"chunk_{ci:06d}").touch()
+
+    def _write_tokens(self, name: str, a: int, b: int, value) -> None:
+        if self.dtype == "int8":
+            qv = value if isinstance(value, Quantized) else quantize(value)
+            self.arrays[name][a:b] = qv.q
+            self.arrays[name + SCALE_SUFFIX][a:b] = qv.scale
+        else:
+            if isinstance(value, Quantized):
+                value = dequantize(value.q, value.scale)
+            self.arrays[name][a:b] = value
+
     def write_chunk(self, ci: int, layers: dict[int, np.ndarray], final: np.ndarray, labels: np.ndarray) -> None:
-        a, b = self.chunk_range(ci)
-        for l in self.layers:
-            self.arrays[layer_name(l)][a:b] = layers[l]
-        self.arrays["final"][a:b] = final
-        self.arrays["labels"][a:b] = labels
-        (self.progress / f"chunk_{ci:06d}").touch()  # recorded only after every array has the chunk
+        if self.shard_size and self.shard_size != self.chunk_size:
+            raise ValueError(f"{self.path} is sharded ({self.shard_size} images per shard): a shard is "
+                             "written whole, use write_unit(shard_index, ...)")
+        self.write_unit(ci, layers, final, labels)
 
     def finalize(self, extra: dict | None = None) -> None:
         missing = self.pending_chunks()
