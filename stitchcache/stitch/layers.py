@@ -5,6 +5,11 @@ DINOv2-reg: CLS + 4 registers, SigLIP: none): patch tokens correspond one to one
 target prefix slot k is fed source prefix token k if the source has one, else source prefix 0
 (its CLS), else — a source without prefix tokens — the mean of the source patch tokens. The
 per-token stitch then maps every token D_s -> D_t. See docs/stages/stitch.md.
+
+The LoRA stitch (``kind: lora``, ``lora.py``) is a copy of the source's block l+1 and mixes tokens:
+it must see source-shaped tokens, so there the prefix map comes AFTER the stitch layer
+(block -> width projection -> PrefixMap). The projection is per token and affine, so for the
+per-token families both orders would give the same function anyway.
 """
 from __future__ import annotations
 
@@ -60,29 +65,55 @@ class MLPStitch(nn.Module):
         return self.fc2(self.act(self.fc1(h)))
 
 
-STITCH_LAYERS = {"linear": LinearStitch, "mlp": MLPStitch}
+from .lora import LoRAStitch  # noqa: E402
+
+STITCH_LAYERS = {"linear": LinearStitch, "mlp": MLPStitch, "lora": LoRAStitch}
 
 
 class Stitch(nn.Module):
-    """PrefixMap followed by a per-token stitch layer. ``config`` is JSON-able and rebuilds it."""
+    """PrefixMap followed by a per-token stitch layer (linear, mlp), or the LoRA block followed by the
+    PrefixMap (lora). ``config`` is JSON-able and rebuilds it; ``source`` (lora only): an already built
+    source Backbone to copy block l+1 from instead of rebuilding it from ``config["source"]``."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, source=None):
         super().__init__()
         self.config = dict(config)
         kind = config["kind"]
         if kind not in STITCH_LAYERS:
             raise ValueError(f"unknown stitch layer {kind!r} (known: {', '.join(STITCH_LAYERS)})")
         self.prefix = PrefixMap(config["src_prefix"], config["tgt_prefix"])
+        self.prefix_after = kind == "lora"
         if kind == "mlp":
             self.layer = MLPStitch(config["d_in"], config["d_out"], config.get("hidden"))
+        elif kind == "lora":
+            self.layer = LoRAStitch(config["source"], config["layer"], config["d_in"], config["d_out"],
+                                    rank=config.get("rank", 8), alpha=config.get("alpha"), source=source)
         else:
             self.layer = LinearStitch(config["d_in"], config["d_out"], config.get("init", "default"))
 
     def forward(self, h):
+        if self.prefix_after:
+            return self.prefix(self.layer(h))
         return self.layer(self.prefix(h))
 
 
 def make_stitch_config(kind: str, src_facts: dict, tgt_facts: dict, **options) -> dict:
+    """The stitch config. options: ``hidden`` (mlp); ``layer``, ``rank``, ``alpha`` (lora: the stitch
+    point l, LoRA rank, alpha = rank when None); options of other kinds and None values are dropped."""
+    kind_options = {"linear": {"init"}, "mlp": {"hidden"}, "lora": {"layer", "rank", "alpha"}}
+    if kind not in kind_options:
+        raise ValueError(f"unknown stitch layer {kind!r} (known: {', '.join(kind_options)})")
+    options = {k: v for k, v in options.items() if k in kind_options[kind]}
+    if kind == "lora":
+        if options.get("layer") is None:
+            raise ValueError("the lora stitch needs the stitch point (layer=l): it copies source block l+1")
+        l, depth = int(options["layer"]), int(src_facts["depth"])
+        if not 0 <= l < depth:
+            raise ValueError(f"lora stitch at layer {l}: the source {src_facts['spec']['name']} has no block {l + 1} "
+                             f"(depth {depth})")
+        options["rank"] = int(options.get("rank") or 8)
+        options["alpha"] = float(options["rank"] if options.get("alpha") is None else options["alpha"])
+        options["source"] = src_facts["spec"]
     if list(src_facts["grid"]) != list(tgt_facts["grid"]):
         raise ValueError(
             f"token grids differ: source {src_facts['spec']['name']} has {src_facts['grid']}, target "

@@ -4,6 +4,11 @@ Checkpoints are plain dicts of tensors and JSON-able values (``torch.load(weight
   {"format": 1, "spec": {"source": backbone spec, "target": backbone spec, "layer": l,
                          "stitch": stitch config, "method": ..., "head": {...} | None},
    "stitch_state": {...}, "head_state": {...} | None, "train": {...}}
+
+``stitch_state`` holds the trainable tensors only. For ``kind: lora`` these are the LoRA adapters
+and the width projection; the frozen copy of source block l+1 is rebuilt from the source spec in the
+stitch config (``spec["stitch"]["source"]``), so rebuilding needs the source weights, as running the
+stitched model does anyway.
 """
 from __future__ import annotations
 
@@ -72,10 +77,11 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def build_parts(ckpt: dict, target: Backbone | None = None):
-    """(stitch, head) with weights loaded."""
+def build_parts(ckpt: dict, target: Backbone | None = None, source: Backbone | None = None):
+    """(stitch, head) with weights loaded. ``source``: the built source backbone (a lora stitch copies
+    its block l+1 from it instead of rebuilding the source from its spec)."""
     spec = ckpt["spec"]
-    stitch = Stitch(spec["stitch"])
+    stitch = Stitch(spec["stitch"], source=source)
     stitch.load_state_dict(ckpt["stitch_state"])
     head = None
     if spec.get("head"):
@@ -89,7 +95,7 @@ def load_stitched(path, device: str | torch.device = "cpu") -> StitchedModel:
     """A trained stitch as an ``nn.Module`` taking images (source preprocessing) -> final tokens."""
     ckpt = load_checkpoint(path)
     spec = ckpt["spec"]
-    stitch, head = build_parts(ckpt)
     source, target = backbone_from_spec(spec["source"]), backbone_from_spec(spec["target"])
+    stitch, head = build_parts(ckpt, source=source)
     model = StitchedModel(source, StitchedTail(stitch, target, spec["layer"]), head)
     return model.to(device).eval()

@@ -4,6 +4,11 @@
   ffm      source layer-l tokens -> frozen target tail -> target final tokens
   tlt      source layer-l tokens -> tail -> pooled -> linear head -> labels
   ffm_tlt  tlt, starting from the FFM checkpoint (--init)
+
+Stitch layers: linear / mlp (per token), lora (source block l+1 with LoRA adapters; the source
+backbone is built once, reduced to that block, even for lfm). ``train.linear_init: lstsq`` starts the
+linear stitch (lfm / ffm / tlt, not ffm_tlt, which starts from its FFM checkpoint) from the closed-form
+least-squares fit of target layer-l tokens on source layer-l tokens of the training split.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from ..cache import iter_batches, open_record
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
 from ..train import FitConfig, fit, mean_over
 from .layers import Stitch, make_stitch_config
+from .lora import extract_block
+from .lstsq import lstsq_linear
 from .losses import ffm_loss, lfm_loss, tlt_loss
 from .model import Head, load_checkpoint, save_checkpoint
 
@@ -50,7 +57,14 @@ def train_stitch(args) -> int:
     depth = tf["depth"]
     if not 0 <= l < depth:
         raise SystemExit(f"error: stitch layer {l} must lie in 0..{depth - 1} for target {tt_rec['model']}")
-    stitch_cfg = make_stitch_config(args.stitch, sf, tf, hidden=settings.get("mlp_hidden"))
+    try:
+        stitch_cfg = make_stitch_config(args.stitch, sf, tf, hidden=settings.get("mlp_hidden"), layer=l,
+                                        rank=settings.get("lora_rank"), alpha=settings.get("lora_alpha"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    linear_init = settings.get("linear_init", "default") or "default"
+    if linear_init not in ("default", "lstsq"):
+        raise SystemExit(f"error: train.linear_init must be default or lstsq, got {linear_init!r}")
     init = None
     if method == "ffm_tlt":
         if not args.init:
@@ -62,15 +76,35 @@ def train_stitch(args) -> int:
     target = None
     if method != "lfm":  # LFM never builds a backbone
         target = backbone_from_spec(tf["spec"]).to(device)
+    source = None
+    if args.stitch == "lora":  # the stitch's frozen block: built once, only block l+1 kept
+        source = extract_block(backbone_from_spec(sf["spec"]), l + 1)
+    lstsq_init = None
+    if args.stitch == "linear" and linear_init == "lstsq" and init is None:
+        try:
+            tgt_l = tt.layer(l)
+        except KeyError as e:
+            raise SystemExit(f"error: train.linear_init lstsq needs the target's layer-{l} tokens: {e}")
+        t1 = time.time()
+        from .layers import PrefixMap
+
+        lstsq_init = lstsq_linear(st.layer(l), tgt_l, PrefixMap(sf["num_prefix_tokens"], tf["num_prefix_tokens"]),
+                                  batch_size=int(settings.get("lfm_batch_size", 256)))
+        log(f"{args.stitch} stitch @{l}: least-squares init from {st_rec['num_images']} training images "
+            f"({time.time() - t1:.1f}s)")
     head_cfg = None
     if method in ("tlt", "ffm_tlt"):
         head_cfg = {"width": tf["width"], "num_classes": int(st_rec.get("num_classes") or _num_classes(st)),
                     "num_prefix": tf["num_prefix_tokens"], "pool": settings.get("pool", "mean")}
 
     def build():
-        m = nn.ModuleDict({"stitch": Stitch(stitch_cfg)})
+        m = nn.ModuleDict({"stitch": Stitch(stitch_cfg, source=source)})
         if init is not None:
             m["stitch"].load_state_dict(init["stitch_state"])
+        elif lstsq_init is not None:
+            with torch.no_grad():
+                m["stitch"].layer.proj.weight.copy_(lstsq_init[0])
+                m["stitch"].layer.proj.bias.copy_(lstsq_init[1])
         if head_cfg:
             m["head"] = Head(**head_cfg)
         return m
@@ -109,7 +143,8 @@ def train_stitch(args) -> int:
     spec = {"source": sf["spec"], "target": tf["spec"], "source_facts": sf, "target_facts": tf, "layer": l,
             "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
-    info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed}
+    info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
+            "init": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default")}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
     write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch,
                               "source": st_rec["model"], "target": tt_rec["model"], "history": res.history})

@@ -28,7 +28,7 @@ wildcard_constraints:
     tgt=NAME,
     split=NAME,
     layer="[0-9]+",
-    stitch="mlp|linear",
+    stitch="mlp|linear|lora",
     method="lfm|ffm|tlt|ffm_tlt",
 
 
