@@ -168,7 +168,7 @@ def test_default_config_is_the_documented_experiment():
     assert cfg["datasets"]["fmnist"]["root"] == str(FMNIST)
     sup, ssl = cfg["models"]["sup"], cfg["models"]["ssl"]
     assert sup["pretrain"]["objective"] == "supervised" and ssl["pretrain"]["objective"] == "simclr"
-    for m, (size, patch, width) in ((sup, (32, 4, 64)), (ssl, (56, 7, 96))):
+    for m, (size, patch, width) in ((sup, (32, 4, 96)), (ssl, (56, 7, 64))):
         k = m["kwargs"]
         assert (k["img_size"], k["patch_size"], k["embed_dim"], k["depth"]) == (size, patch, width, 4)
         assert k["img_size"] // k["patch_size"] == 8
