@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends.registry import check_grids
+
 
 class PrefixMap(nn.Module):
     """(B, p_s + G, D) -> (B, p_t + G, D) by the policy above; no parameters."""
@@ -114,12 +116,7 @@ def make_stitch_config(kind: str, src_facts: dict, tgt_facts: dict, **options) -
         options["rank"] = int(options.get("rank") or 8)
         options["alpha"] = float(options["rank"] if options.get("alpha") is None else options["alpha"])
         options["source"] = src_facts["spec"]
-    if list(src_facts["grid"]) != list(tgt_facts["grid"]):
-        raise ValueError(
-            f"token grids differ: source {src_facts['spec']['name']} has {src_facts['grid']}, target "
-            f"{tgt_facts['spec']['name']} has {tgt_facts['grid']}; choose image sizes that give the same grid "
-            "(e.g. /14 at 224 px and /16 at 256 px both give 16x16)"
-        )
+    check_grids(src_facts, tgt_facts)  # a stitch pairs token i with token i: grids must be equal
     return {"kind": kind, "d_in": src_facts["width"], "d_out": tgt_facts["width"],
             "src_prefix": src_facts["num_prefix_tokens"], "tgt_prefix": tgt_facts["num_prefix_tokens"],
             **{k: v for k, v in options.items() if v is not None}}
