@@ -8,7 +8,6 @@ bf16 autocast on CUDA, fp32 on CPU. Seeded.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import time

@@ -42,4 +42,21 @@ def image_folder(tmp_path):
             "splits": {"train": {"start": 0, "count": 48}, "val": {"start": 0, "count": 48}}}
 
 
+def extract_records(specs: dict, dataset: dict, tmp_path, chunk_size: int = 16) -> dict:
+    """Extract train/val stores for each model spec; returns {(model, split): record path}."""
+    import json
+
+    from stitchcache.extract import extract
+
+    recs = {}
+    for m, spec in specs.items():
+        for split in ("train", "val"):
+            path = tmp_path / "rec" / f"{m}-{split}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(extract(spec, dataset, split, tmp_path / "cache",
+                                               {"chunk_size": chunk_size, "num_workers": 0})))
+            recs[m, split] = str(path)
+    return recs
+
+
 sys.path.insert(0, str(ROOT / "tests"))

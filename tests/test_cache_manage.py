@@ -1,6 +1,5 @@
 """`stitchcache cache ls | du | verify | gc` on a real cache root."""
 import json
-import shutil
 from pathlib import Path
 
 from conftest import tiny_vit

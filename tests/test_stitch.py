@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_vit
+from conftest import extract_records, tiny_vit
 from stitchcache import load_stitched
 from stitchcache.backends import create_backbone
 from stitchcache.cli import main as cli
-from stitchcache.extract import extract
 from stitchcache.stitch.layers import Stitch
 from stitchcache.stitch.losses import ffm_loss
 from stitchcache.stitch.model import StitchedTail
@@ -19,15 +18,7 @@ from stitchcache.stitch.model import StitchedTail
 def stores(tmp_path, image_folder):
     """Feature records for two different tiny models (widths 32 / 48, patch 4 @ 32 px vs 8 @ 64 px)."""
     specs = {"a": {"name": "a", **tiny_vit(width=32)}, "b": {"name": "b", **tiny_vit(width=48, img=64, patch=8)}}
-    recs = {}
-    for m, spec in specs.items():
-        for split in ("train", "val"):
-            path = tmp_path / "rec" / f"{m}-{split}.json"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(extract(spec, image_folder, split, tmp_path / "cache",
-                                               {"chunk_size": 16, "num_workers": 0})))
-            recs[m, split] = str(path)
-    return recs
+    return extract_records(specs, image_folder, tmp_path)
 
 
 def _train(recs, tmp_path, method, src="a", tgt="b", layer=1, init=None, settings=None):
@@ -90,7 +81,6 @@ def test_identity_self_stitch_is_exact(layer):
 
 
 def test_load_stitched_rebuilds_the_model(stores, tmp_path):
-    from stitchcache.cache import open_record
 
     out, _ = _train(stores, tmp_path, "ffm", settings={"max_epochs": 1})
     model = load_stitched(out)

@@ -8,15 +8,13 @@ exact affine map and gives the linear stitch a better start.
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_vit
+from conftest import extract_records, tiny_vit
 from stitchcache import load_stitched
 from stitchcache.backends import create_backbone
 from stitchcache.cli import main as cli
-from stitchcache.extract import extract
 from stitchcache.stitch.layers import PrefixMap, Stitch
 from stitchcache.stitch.lora import LoRAStitch
 from stitchcache.stitch.losses import ffm_loss
@@ -152,15 +150,7 @@ def stores(tmp_path, image_folder):
     """timm ViT with registers (width 32, 5 prefix tokens) and transformers Dinov2Model (width 48, CLS)."""
     specs = {"t": {"name": "t", **tiny_vit(width=32, reg_tokens=4)},
              "d": {"name": "d", "backbone": "hf:Dinov2Model", "kwargs": {"config": DINO}}}
-    recs = {}
-    for m, spec in specs.items():
-        for split in ("train", "val"):
-            path = tmp_path / "rec" / f"{m}-{split}.json"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(extract(spec, image_folder, split, tmp_path / "cache",
-                                               {"chunk_size": 16, "num_workers": 0})))
-            recs[m, split] = str(path)
-    return recs
+    return extract_records(specs, image_folder, tmp_path)
 
 
 def _train(recs, tmp_path, method, stitch, src, tgt, layer=1, settings=None):
@@ -175,10 +165,13 @@ def _train(recs, tmp_path, method, stitch, src, tgt, layer=1, settings=None):
     return out, json.loads((tmp_path / (out.name + ".json")).read_text())
 
 
-@pytest.mark.parametrize("stitch,src,tgt", [("linear", "d", "t"), ("mlp", "d", "t"), ("lora", "d", "t"),
-                                             ("lora", "t", "d")])
-def test_each_family_reduces_the_ffm_loss(stores, tmp_path, stitch, src, tgt):
-    _, metrics = _train(stores, tmp_path, "ffm", stitch, src, tgt)
+@pytest.mark.parametrize("method,stitch,src,tgt", [
+    ("ffm", "linear", "d", "t"), ("ffm", "mlp", "d", "t"), ("ffm", "lora", "d", "t"), ("ffm", "lora", "t", "d"),
+    ("lfm", "mlp", "t", "d"), ("tlt", "mlp", "d", "t"), ("tlt", "mlp", "t", "d"),
+])
+def test_each_family_and_recipe_reduces_its_loss(stores, tmp_path, method, stitch, src, tgt):
+    """Two libraries (timm ViT with registers, transformers Dinov2Model): every recipe learns."""
+    _, metrics = _train(stores, tmp_path, method, stitch, src, tgt)
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < 0.9 * losses[0], losses
 
