@@ -9,6 +9,7 @@ Usage: python benchmarks/ffm_step.py [--width 384] [--depth 12] [--tokens 257] [
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 6, 10])
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -53,9 +55,14 @@ def main():
             loss.backward()
             opt.step()
 
-        t_tail, n_tail = timed(tail_only, 2.0, sync)
-        t_ffm, n_ffm = timed(ffm_step, 2.0, sync)
-        tail_ips, ffm_ips = n_tail * args.batch / t_tail, n_ffm * args.batch / t_ffm
+        # alternate the two measurements and keep medians, so load from other processes hits both alike
+        tails, ffms = [], []
+        for _ in range(args.repeats):
+            t, n = timed(tail_only, 1.0, sync)
+            tails.append(n * args.batch / t)
+            t, n = timed(ffm_step, 1.0, sync)
+            ffms.append(n * args.batch / t)
+        tail_ips, ffm_ips = statistics.median(tails), statistics.median(ffms)
         rows.append({"layer": l, "tail_img_s": round(tail_ips, 1), "ffm_img_s": round(ffm_ips, 1),
                      "ffm_cost_over_tail": round(tail_ips / ffm_ips, 3)})
     save("ffm_step", {"width": args.width, "depth": args.depth, "tokens": T, "batch": args.batch,
