@@ -4,7 +4,9 @@ Random row access into Zarr is ~20x slower than reading whole chunks (notes/snak
 training reads one block of whole chunks at a time; memory is a block plus the one read ahead,
 flat in dataset size.
 
-- ``iter_batches``: in-process generator (what training and evaluation use).
+- ``iter_batches``: in-process generator (what training and evaluation use): one background thread
+  reads the next block while a second permutes/converts the previous one, so the caller only
+  slices batches.
 - ``ChunkDataset`` / ``chunk_loader``: a torch IterableDataset splitting the shuffled blocks across
   DataLoader workers, each opening the store itself.
 """
@@ -39,7 +41,9 @@ def iter_batches(arrays: Sequence, batch_size: int, *, shuffle: bool = False, se
     arrays:   zarr arrays, QuantizedArrays (int8 stores) or numpy arrays with equal first dimension.
     block:    images read at once (default: the first array's chunk length, at least batch_size).
     shuffle:  block order shuffled, rows permuted within the block (batches may straddle blocks).
-    prefetch: blocks read ahead by a background thread while the current one is consumed (0 = off).
+    prefetch: blocks in flight per background stage (0 = everything in the calling thread). One
+              thread reads blocks, a second permutes rows and converts to ``dtype``, so the caller
+              only slices batches (views) while its training step runs.
     """
     n = _check_lengths(arrays)
     if block is None:
@@ -48,10 +52,8 @@ def iter_batches(arrays: Sequence, batch_size: int, *, shuffle: bool = False, se
     ranges = block_ranges(n, block)
     if shuffle:
         ranges = [ranges[i] for i in rng.permutation(len(ranges))]
-    blocks = _read_blocks(arrays, ranges)
-    if prefetch > 0 and len(ranges) > 1:
-        blocks = _prefetched(blocks, prefetch)
-    yield from batches_from_blocks(blocks, batch_size, shuffle=shuffle, rng=rng, dtype=dtype, drop_last=drop_last)
+    blocks = block_stream(arrays, ranges, shuffle=shuffle, rng=rng, dtype=dtype, prefetch=prefetch)
+    yield from batches_from_blocks(blocks, batch_size, drop_last=drop_last)
 
 
 def _check_lengths(arrays: Sequence) -> int:
@@ -62,14 +64,159 @@ def _check_lengths(arrays: Sequence) -> int:
     return n
 
 
-def _read_blocks(arrays: Sequence, ranges: Iterable[tuple[int, int]]) -> Iterator[list[np.ndarray]]:
-    for a, b in ranges:
-        yield [np.asarray(x[a:b]) for x in arrays]
+def block_stream(arrays: Sequence, ranges: Sequence[tuple[int, int]], *, shuffle: bool,
+                 rng: np.random.Generator, dtype=torch.float32, prefetch: int = 1) -> Iterator[list[torch.Tensor]]:
+    """Blocks (lists of tensors, one per array) for the given image ranges, rows permuted when
+    shuffling; read and prepared in two background threads when prefetch > 0."""
+    readers = [block_reader(x) for x in arrays]
+
+    def read():  # the rng is used by this one thread in block order: deterministic
+        for a, b in ranges:
+            perm = rng.permutation(b - a) if shuffle else None
+            yield [r(a, b, perm) for r in readers]
+
+    def prepare(blocks):
+        for data in blocks:
+            yield [_prepare(d, dtype) for d in data]
+
+    if prefetch <= 0 or len(ranges) <= 1:
+        return prepare(read())
+    if not _needs_conversion(arrays, dtype):  # nothing for a second stage to do: one thread
+        return prepare(_prefetched(read(), prefetch))
+    return _prefetched(prepare(_prefetched(read(), prefetch)), prefetch)
+
+
+def _needs_conversion(arrays: Sequence, dtype) -> bool:
+    want = torch.empty(0, dtype=dtype).numpy().dtype if dtype != torch.bfloat16 else None
+    for x in arrays:
+        d = np.dtype(getattr(x, "dtype", np.float32))
+        if (d.kind == "f" and d != want) or (d.kind in "iub" and d != np.int64):
+            return True
+    return False
+
+
+def _prepare(d: np.ndarray, dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(d))
+    return t.to(dtype) if t.is_floating_point() else t.long()
+
+
+def block_reader(x) -> Callable[..., np.ndarray]:
+    """A function (a, b, perm=None) -> numpy array of images a..b of x, rows in the order
+    ``perm`` (out[i] = x[a + perm[i]]) when given; dequantised for QuantizedArray."""
+    from .quant import QuantizedArray, dequantize
+
+    if isinstance(x, QuantizedArray):
+        rq, rs = block_reader(x.q), block_reader(x.scale)
+        return lambda a, b, perm=None: dequantize(rq(a, b, perm), rs(a, b, perm), x.dtype)
+    direct = _direct_reader(x)
+    if direct is not None:
+        return direct
+
+    def read(a, b, perm=None):
+        d = np.asarray(x[a:b])
+        return d if perm is None else np.take(d, perm, axis=0)
+
+    return read
+
+
+def _direct_reader(x) -> Callable[[int, int], np.ndarray] | None:
+    """Fast path for what extract writes by default: an uncompressed, unsharded Zarr v3 array on a
+    local disk chunked along the image axis only. Chunk files are then the raw little-endian C-order
+    bytes of (chunk, ...) images, so a block is read straight into its buffer, rows already in the
+    shuffled order (os.preadv scatters file rows to their destinations): one copy out of the page
+    cache, where zarr's read plus a permutation make three. None when anything differs (a codec,
+    sharding, another store, big-endian), and the caller reads through zarr.
+    Set STITCHCACHE_ZARR_DIRECT=0 to always read through zarr."""
+    if os.environ.get("STITCHCACHE_ZARR_DIRECT", "1") == "0":
+        return None
+    try:
+        import sys
+
+        import zarr
+        from zarr.codecs import BytesCodec
+        from zarr.storage import LocalStore
+
+        if not isinstance(x, zarr.Array) or x.metadata.zarr_format != 3 or x.shards is not None:
+            return None
+        meta = x.metadata
+        if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], BytesCodec):
+            return None
+        endian = getattr(meta.codecs[0].endian, "value", meta.codecs[0].endian)
+        dtype = np.dtype(x.dtype)
+        if dtype.itemsize > 1 and (endian != "little" or sys.byteorder != "little"):
+            return None
+        if dtype.kind not in "biuf" or not isinstance(x.store_path.store, LocalStore):
+            return None
+        chunk_shape = tuple(meta.chunk_grid.chunk_shape)
+        shape = tuple(x.shape)
+        if chunk_shape[1:] != shape[1:]:
+            return None
+        root = os.path.join(str(x.store_path.store.root), x.store_path.path)
+        fill = x.fill_value
+    except Exception:  # any surprise in zarr's internals: use zarr
+        return None
+    c0, rest = chunk_shape[0], shape[1:]
+    row_bytes = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+    zeros = (0,) * len(rest)
+
+    def read(a: int, b: int, perm: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((b - a,) + rest, dtype)
+        rows = out.reshape(b - a, -1).view(np.uint8) if b > a else out
+        # destination row of each source row: rows land permuted straight out of the file (scatter
+        # read, os.preadv), so shuffling costs no extra copy
+        dest = np.arange(b - a) if perm is None else np.argsort(perm)
+        pos = a
+        while pos < b:
+            ci = pos // c0
+            end = min(b, (ci + 1) * c0)
+            path = os.path.join(root, meta.encode_chunk_key((ci,) + zeros))
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # never written: zarr reads the fill value
+                out[dest[pos - a:end - a]] = fill
+                pos = end
+                continue
+            try:
+                if perm is None:
+                    _pread_into(fd, [memoryview(rows[pos - a:end - a].reshape(-1))], (pos - ci * c0) * row_bytes, path)
+                else:
+                    bufs = [memoryview(rows[i]) for i in dest[pos - a:end - a]]
+                    _pread_into(fd, bufs, (pos - ci * c0) * row_bytes, path)
+            finally:
+                os.close(fd)
+            pos = end
+        return out
+
+    return read
+
+
+_IOV_MAX = 1024 if hasattr(os, "preadv") else 1  # Linux's IOV_MAX
+
+
+def _pread_into(fd: int, bufs: list, offset: int, path: str) -> None:
+    """Fill the buffers in order from the file at offset (scatter read), however the kernel splits it."""
+    i = 0
+    while i < len(bufs):
+        group = bufs[i:i + _IOV_MAX]
+        n = os.preadv(fd, group, offset) if hasattr(os, "preadv") else os.pread(fd, len(group[0]), offset)
+        if not hasattr(os, "preadv"):  # pread returns bytes
+            group[0][: len(n)] = n
+            n = len(n)
+        if n <= 0:
+            raise OSError(f"{path}: chunk file shorter than expected")
+        offset += n
+        while n and i < len(bufs):
+            if n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            else:  # partially filled: continue into the rest of this buffer
+                bufs[i] = bufs[i][n:]
+                n = 0
 
 
 def _prefetched(it: Iterator, depth: int) -> Iterator:
-    """Run `it` in a background thread, at most `depth` items ahead (file reads release the GIL).
-    Stops the thread when the consumer stops early."""
+    """Run `it` in a background thread, at most `depth` items ahead (file reads, numpy copies and
+    torch ops release the GIL). Stops the thread when the consumer stops early."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -103,43 +250,29 @@ def _prefetched(it: Iterator, depth: int) -> Iterator:
         stop.set()
 
 
-def batches_from_blocks(blocks: Iterable[list[np.ndarray]], batch_size: int, *, shuffle: bool,
-                        rng: np.random.Generator, dtype=torch.float32,
+def batches_from_blocks(blocks: Iterable[list[torch.Tensor]], batch_size: int, *,
                         drop_last: bool = False) -> Iterator[list[torch.Tensor]]:
-    """Cut a stream of blocks (lists of same-length arrays) into batches; with shuffle, rows are
-    gathered in a random order within each block (one copy per row, no whole-block permute and no
-    re-concatenation of leftovers: only the batch straddling two blocks is assembled)."""
-    carry: list[np.ndarray] | None = None
+    """Cut a stream of prepared blocks (lists of same-length tensors) into batches: views of the
+    block, except the one batch straddling two blocks, which is concatenated."""
+    carry: list[torch.Tensor] | None = None
     for data in blocks:
         m = data[0].shape[0]
-        perm = rng.permutation(m) if shuffle else None
         i = 0
         if carry is not None:
             take = min(batch_size - carry[0].shape[0], m)
-            carry = [np.concatenate([c, _rows(d, perm, 0, take)]) for c, d in zip(carry, data)]
+            carry = [torch.cat([c, d[:take]]) for c, d in zip(carry, data)]
             i = take
             if carry[0].shape[0] < batch_size:
                 continue
-            yield [_to_tensor(c, dtype) for c in carry]
+            yield carry
             carry = None
         while i + batch_size <= m:
-            yield [_to_tensor(_rows(d, perm, i, i + batch_size), dtype) for d in data]
+            yield [d[i:i + batch_size] for d in data]
             i += batch_size
         if i < m:
-            carry = [np.array(_rows(d, perm, i, m)) for d in data]
+            carry = [d[i:m] for d in data]
     if carry is not None and carry[0].shape[0] and not drop_last:
-        yield [_to_tensor(c, dtype) for c in carry]
-
-
-def _rows(d: np.ndarray, perm: np.ndarray | None, a: int, b: int) -> np.ndarray:
-    if perm is None:
-        return d[a:b]
-    return np.take(d, perm[a:b], axis=0)
-
-
-def _to_tensor(x: np.ndarray, dtype) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.to(dtype) if t.is_floating_point() else t.long()
+        yield carry
 
 
 class ChunkDataset(torch.utils.data.IterableDataset):
@@ -185,12 +318,9 @@ class ChunkDataset(torch.utils.data.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         arrays = self._arrays()  # opened here, i.e. inside the worker process
         mine = self.worker_ranges(arrays, worker, num_workers)
-        blocks = _read_blocks(arrays, mine)
-        if self.prefetch > 0 and len(mine) > 1:
-            blocks = _prefetched(blocks, self.prefetch)
         rng = np.random.default_rng([self.seed, self.epoch, worker, 1])
-        yield from batches_from_blocks(blocks, self.batch_size, shuffle=self.shuffle, rng=rng,
-                                       dtype=self.dtype, drop_last=self.drop_last)
+        blocks = block_stream(arrays, mine, shuffle=self.shuffle, rng=rng, dtype=self.dtype, prefetch=self.prefetch)
+        yield from batches_from_blocks(blocks, self.batch_size, drop_last=self.drop_last)
 
 
 def chunk_loader(store, names: Sequence, batch_size: int, *, num_workers: int = 2, shuffle: bool = True,
