@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import statistics
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -79,7 +80,8 @@ def test_build_table_rows_and_join(records):
 def test_write_table_roundtrip_and_markdown(records, tmp_path):
     evals, probes = records
     t = build_table(evals, probes)
-    pq_path, csv_path, md_path = write_table(t, load_probes(probes), tmp_path / "out")
+    pq_path, csv_path, md_path, paper_path = write_table(t, load_probes(probes), tmp_path / "out")
+    assert paper_path.name == "paper_tables.md" and paper_path.is_file()
     back = pq.read_table(pq_path)
     assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 17
     assert back.column_names == COLUMNS
@@ -116,7 +118,7 @@ def test_missing_values_shown_as_dash(records, tmp_path):
     r = next(r for r in t.to_pylist() if (r["source"], r["target"], r["layer"], r["method"]) == ("sup", "ssl", 1, "lfm"))
     assert r["d_l"] is None
     assert any(r["src_probe_acc"] is None for r in t.to_pylist())
-    _, _, md = write_table(t, None, tmp_path / "out")
+    _, _, md, _ = write_table(t, None, tmp_path / "out")
     assert "| ssl | mean | 85.3 |" not in md.read_text()
     assert "| sup → ssl | mlp | lfm | d_l | – |" in md.read_text()
 
@@ -170,3 +172,189 @@ def test_errors_name_the_file(records, tmp_path):
         load_probes([bad])
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         run_plot(cli(configure_plot_parser, ["--table", tmp_path / "missing.parquet", "--out-dir", tmp_path]))
+
+
+# ----------------------------------------------------------------------------- paper-shaped tables
+
+DATASETS = {"fmnist": 0.0, "cifar": -0.10}           # dataset offset on every accuracy
+STITCHES = ["linear", "mlp", "lora"]
+SEEDS = [0, 1]
+
+
+def paper_eval(ds, src, tgt, layer, stitch, method, seed):
+    rec = fake_eval(src, tgt, layer, method)
+    shift = DATASETS[ds] + 0.02 * STITCHES.index(stitch) + 0.01 * seed + 0.03 * (src == "sup")
+    rec.update(dataset=ds, stitch=stitch, seed=seed, probe_acc=rec["probe_acc"] + shift,
+               d_l=rec["d_l"] * (1 + seed), d_L=rec["d_L"] + 0.01 * seed)
+    if rec["head_acc"] is not None:
+        rec["head_acc"] = rec["head_acc"] + shift - 0.03 * (method == "tlt")
+    return rec
+
+
+def paper_rows(datasets=DATASETS, stitches=STITCHES, methods=METHODS, seeds=SEEDS):
+    return [paper_eval(ds, s, t, l, st, m, seed) for ds in datasets for s, t in PAIRS for l in LAYERS
+            for st in stitches for m in methods for seed in seeds]
+
+
+def paper_table(rows, datasets=DATASETS):
+    from stitchcache.report.tables import SCHEMA
+    for r in rows:
+        r["src_probe_acc"], r["tgt_probe_acc"] = MODELS[r["source"]], MODELS[r["target"]]
+    probes = load_probes([])
+    return pa.Table.from_pylist(rows, schema=SCHEMA), probes
+
+
+def section(md, title):
+    """The text of one '## ...' section of paper_tables.md."""
+    return md.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def block(md, heading):
+    """The Markdown table lines under one '### heading' line."""
+    part = md.split(f"### {heading}\n")[1].split("\n### ")[0].split("\n## ")[0]
+    return [line for line in part.splitlines() if line.startswith("|")]
+
+
+def cell_of(vals):
+    m, s = statistics.mean(vals), statistics.stdev(vals)
+    return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+@pytest.fixture
+def paper_md(tmp_path):
+    """paper_tables.md written by the `table` subcommand from 2 datasets x 4 pairs x 3 layers x
+    3 stitch families x 4 methods x 2 seeds of fake evaluation JSON."""
+    res = tmp_path / "results"
+    evals, probes = [], []
+    for ds in DATASETS:
+        for model, acc in MODELS.items():
+            p = res / "probes" / ds / f"{model}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"dataset": ds, "model": model, "pool": "mean", "probe_acc": acc + DATASETS[ds]}))
+            probes.append(p)
+    for i, rec in enumerate(paper_rows()):
+        p = res / "evals" / f"{i}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rec))
+        evals.append(p)
+    assert run_table(cli(configure_table_parser, ["--evals", *evals, "--probes", *probes, "--out-dir", res])) == 0
+    path = res / "paper_tables.md"
+    assert path.is_file() and (res / "table.md").is_file()
+    return path.read_text()
+
+
+def head(ds, s, t, l, st, m):
+    return [paper_eval(ds, s, t, l, st, m, seed)["head_acc"] for seed in SEEDS]
+
+
+def probe(ds, s, t, l, st, m):
+    return [paper_eval(ds, s, t, l, st, m, seed)["probe_acc"] for seed in SEEDS]
+
+
+def test_paper_table1_tlt_vs_ffm_tlt(paper_md):
+    t1 = section(paper_md, "Table 1")
+    assert "task-head accuracy (`head_acc`" in t1 and "skipped" not in t1
+    heads = [line for line in t1.splitlines() if line.startswith("### ")]
+    assert len(heads) == 2 * 2 * 3                                      # datasets x cross pairs x stitches
+    rows = block(t1, "cifar: sup → ssl, MLP stitch")
+    assert rows[0] == "| Pre-train | L1 | L2 | L3 |"
+    no = "| No | " + " | ".join(cell_of(head("cifar", "sup", "ssl", l, "mlp", "tlt")) for l in LAYERS) + " |"
+    ffm = "| FFM | " + " | ".join(cell_of(head("cifar", "sup", "ssl", l, "mlp", "ffm_tlt")) for l in LAYERS) + " |"
+    assert rows[2:] == [no, ffm]
+    # one value by hand: mean of two seeds 0.01 apart -> std 0.7 points
+    v = head("fmnist", "ssl", "sup", 2, "linear", "ffm_tlt")
+    assert v[1] - v[0] == pytest.approx(0.01)
+    assert f"{100 * (v[0] + 0.005):.1f} ± 0.7" in block(t1, "fmnist: ssl → sup, Linear stitch")[3]
+
+
+def test_paper_table2_datasets(paper_md):
+    t2 = section(paper_md, "Table 2")
+    assert "recipe FFM→TLT (the paper's)" in t2 and "MLP stitch" in t2
+    rows = block(t2, "ssl and sup")
+    assert rows[0] == "| model | cifar L1 | cifar L2 | cifar L3 | fmnist L1 | fmnist L2 | fmnist L3 |"
+    labels = [r.split(" | ")[0][2:] for r in rows[2:]]
+    assert labels == ["ssl → ssl (S→S)", "sup → sup (T→T)", "ssl → sup (S→T)", "sup → ssl (T→S)"]
+    cells = [cell_of(head(ds, "sup", "ssl", l, "mlp", "ffm_tlt")) for ds in ("cifar", "fmnist") for l in LAYERS]
+    assert rows[5] == "| sup → ssl (T→S) | " + " | ".join(cells) + " |"
+
+
+def test_paper_table3_stitch_families(paper_md):
+    t3 = section(paper_md, "Table 3")
+    assert "recipe FFM→TLT (the paper's)" in t3 and "No lora" not in t3
+    rows = block(t3, "fmnist")
+    assert rows[0] == "| S → T | stitch | L1 | L2 | L3 |"
+    assert [r.split(" | ")[1] for r in rows[2:]] == ["Linear", "MLP", "LoRA"] * 2
+    assert rows[2].startswith("| ssl → sup | Linear | ") and rows[3].startswith("|  | MLP | ")
+    lora = " | ".join(cell_of(head("fmnist", "sup", "ssl", l, "lora", "ffm_tlt")) for l in LAYERS)
+    assert rows[7] == f"|  | LoRA | {lora} |"
+
+
+def test_paper_table4_and_tables5_9(paper_md):
+    t4 = section(paper_md, "Table 4")
+    assert "Base linear probes: ssl 68.1, sup 75.3." in block_text(t4, "cifar, LoRA stitch")
+    rows = block(t4, "fmnist, Linear stitch")
+    assert rows[0] == "| S → T | metric | method | L1 | L2 | L3 |"
+    d_l = [[paper_eval("fmnist", "sup", "ssl", l, "linear", "lfm", s)["d_l"] for s in SEEDS] for l in LAYERS]
+    want = " | ".join(f"{statistics.mean(v):#.3g} ± {statistics.stdev(v):.2g}" for v in d_l)
+    assert f"| sup → ssl | d_l | LFM | {want} |" in rows
+    assert [r.split(" | ")[2] for r in rows[2:8]] == ["LFM", "FFM"] * 3
+    t59 = section(paper_md, "Tables 5–9")
+    rows = block(t59, "fmnist: sup → ssl, MLP stitch")
+    assert rows[0] == "| recipe | model | L1 | L2 | L3 |"
+    assert len(rows) == 2 + 3 * len(METHODS) + 2
+    assert rows[2].startswith("| LFM | sup → sup (S→S control) | ")
+    assert rows[3].startswith("|  | ssl → ssl (T→T control) | ")
+    ffm_tlt_st = " | ".join(cell_of(head("fmnist", "sup", "ssl", l, "mlp", "ffm_tlt")) for l in LAYERS)
+    assert rows[13] == f"|  | sup → ssl (S→T stitched) | {ffm_tlt_st} |"
+    ffm_ctrl = " | ".join(cell_of(probe("fmnist", "ssl", "ssl", l, "mlp", "ffm")) for l in LAYERS)
+    assert rows[6] == f"|  | ssl → ssl (T→T control) | {ffm_ctrl} |"
+    assert rows[-2:] == ["| linear probe | sup (S) | 85.3 | 85.3 | 85.3 |",
+                         "| linear probe | ssl (T) | 78.1 | 78.1 | 78.1 |"]
+    assert "mean ± sample standard deviation" in paper_md and "skipped" not in paper_md
+
+
+def test_select_layers():
+    from stitchcache.report.paper import select_layers
+    assert select_layers([2, 6, 10, 14, 18, 22]) == [6, 14, 22]          # the paper's Table 2 layers
+    assert select_layers([3, 1, 2]) == [1, 2, 3] and select_layers([1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert select_layers(range(12)) == [1, 6, 11]
+
+
+def block_text(md, heading):
+    return md.split(f"### {heading}\n")[1].split("\n### ")[0]
+
+
+def test_paper_tables_skip_notes(tmp_path):
+    from stitchcache.report import paper_tables
+    # one dataset, no lora, no tlt, one seed
+    t, probes = paper_table(paper_rows({"fmnist": 0.0}, ["linear", "mlp"], ["lfm", "ffm", "ffm_tlt"], [0]))
+    md = paper_tables(t, probes)
+    assert "> Table 1 skipped: the results have no `tlt` runs (it compares tlt with ffm_tlt)." in md
+    assert "> Table 2 skipped: it compares datasets and the results hold only fmnist" in md
+    assert "> No lora results: that row is left out." in md
+    assert [r.split(" | ")[1] for r in block(md, "fmnist")[2:]] == ["Linear", "MLP"] * 2
+    assert "One seed (0): no spread shown." in md and " ± " not in md
+    assert "| FFM→TLT | sup → sup (S→S control) |" in md and "| TLT |" not in md
+    # only mlp, no lfm / ffm, ffm_tlt without head accuracy -> Table 3 and 4 skipped, fallback marked
+    rows = paper_rows({"fmnist": 0.0}, ["mlp"], ["tlt", "ffm_tlt"], [0])
+    for r in rows:
+        if r["method"] == "ffm_tlt" and r["layer"] == 1:
+            r["head_acc"] = None
+    t, probes = paper_table(rows)
+    md = paper_tables(t, probes)
+    assert "> Table 3 skipped: it compares stitch families and the results hold only mlp" in md
+    assert "> Table 4 skipped: the results have no `lfm` / `ffm` runs (it compares lfm with ffm)." in md
+    fb = paper_eval("fmnist", "sup", "ssl", 1, "mlp", "ffm_tlt", 0)["probe_acc"]
+    assert f"| FFM | {100 * fb:.1f}* |" in md
+    assert "* TLT / FFM→TLT result without a task-head accuracy" in md
+    # no TLT variants: Table 3 falls back to the next recipe in the preference order and says so
+    t, probes = paper_table(paper_rows({"fmnist": 0.0}, ["mlp", "lora"], ["lfm", "ffm"], [0]))
+    md = paper_tables(t, probes)
+    assert "recipe FFM (no FFM→TLT results; the first present in the preference order" in section(md, "Table 3")
+    assert "> Table 1 skipped: the results have no `tlt` / `ffm_tlt` runs" in md
+    # self-stitch only (no cross pairs): the cross-pair tables skip
+    t, probes = paper_table([r for r in paper_rows({"fmnist": 0.0}, ["mlp"], METHODS, [0]) if r["kind"] == "self"])
+    md = paper_tables(t, probes)
+    for name in ("Table 1", "Table 4", "Tables 5–9"):
+        assert f"> {name} skipped: no cross-model (S ≠ T)" in md
+    assert paper_tables(t.slice(0, 0), probes).endswith("> No stitching results: every table skipped.\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 def configure_table_parser(p):
     p.add_argument("--evals", nargs="+", required=True, metavar="EVAL.json", help="evaluation results")
     p.add_argument("--probes", nargs="*", default=[], metavar="PROBE.json", help="base-model linear probes")
-    p.add_argument("--out-dir", required=True, help="writes table.parquet, table.csv, table.md here")
+    p.add_argument("--out-dir", required=True, help="writes table.parquet, table.csv, table.md, paper_tables.md here")
     return p
 
 

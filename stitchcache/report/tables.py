@@ -9,8 +9,9 @@ Layout (see docs/stages/report.md):
   metadata key ``stitchcache.probes`` so ``table.parquet`` alone is enough to redraw everything;
   ``probe_table(table)`` gets them back.
 - ``write_table(table, probes, out_dir)`` writes ``table.parquet`` (schema metadata:
-  ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv`` and
-  ``table.md``. The Markdown averages over seeds where a cell has several.
+  ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv``,
+  ``table.md`` (averages over seeds where a cell has several) and ``paper_tables.md`` (tables
+  shaped like the paper's, mean ± std over seeds; see paper.py).
 Rows are sorted by dataset, cross before self, source, target, stitch, method (lfm, ffm, tlt,
 ffm_tlt, then others by name), layer, seed.
 """
@@ -216,7 +217,7 @@ def _version():
 
 
 def write_table(table, probes, out_dir):
-    """Write table.parquet, table.csv and table.md under out_dir; returns the three paths.
+    """Write table.parquet, table.csv, table.md and paper_tables.md under out_dir; returns the four paths.
 
     probes: the base-probe table (``load_probes``) or None to use the one in ``table``'s metadata.
     """
@@ -228,8 +229,10 @@ def write_table(table, probes, out_dir):
                  b"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").encode(),
                  PROBES_KEY: json.dumps(probes.to_pylist()).encode()})
     table = table.replace_schema_metadata(meta)
-    paths = out / "table.parquet", out / "table.csv", out / "table.md"
+    from .paper import paper_tables
+    paths = out / "table.parquet", out / "table.csv", out / "table.md", out / "paper_tables.md"
     pq.write_table(table, paths[0])
     pcsv.write_csv(table, paths[1])
     paths[2].write_text(to_markdown(table, probes) + "\n")
+    paths[3].write_text(paper_tables(table, probes) + "\n")
     return paths
