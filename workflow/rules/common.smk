@@ -181,6 +181,7 @@ def all_targets():
         "results/table.parquet",
         "results/table.md",
         "results/table.csv",
+        "results/paper_tables.md",
         "results/plots/accuracy.png",
         "results/plots/distances.png",
     ]

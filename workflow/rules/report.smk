@@ -1,4 +1,5 @@
-# Collect every evaluation and base probe into one table (Parquet, CSV, Markdown), then plot it.
+# Collect every evaluation and base probe into one table (Parquet, CSV, Markdown) and the
+# paper-shaped tables (paper_tables.md), then plot it.
 
 
 rule table:
@@ -9,6 +10,7 @@ rule table:
         parquet="results/table.parquet",
         csv="results/table.csv",
         md="results/table.md",
+        paper="results/paper_tables.md",
     log:
         "logs/table.log",
     params:
