@@ -114,7 +114,7 @@ for key in ("--out", "--metrics"):
     if key in opts:
         p = Path(opts[key]); p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stub": cmd}) if p.suffix == ".json" else "stub")
-names = {"table": ["table.parquet", "table.csv", "table.md"], "plot": ["accuracy.png", "distances.png"]}
+names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"]}
 for name in names.get(cmd, []):
     p = Path(opts["--out-dir"]) / name; p.parent.mkdir(parents=True, exist_ok=True); p.write_text("stub")
 '''
@@ -398,7 +398,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     wd = make_workdir(tmp_path)
     proc = snakemake(wd, "--cores", "2", check=False, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    for p in ("results/table.parquet", "results/table.csv", "results/table.md",
+    for p in ("results/table.parquet", "results/table.csv", "results/table.md", "results/paper_tables.md",
               "results/plots/accuracy.png", "results/plots/distances.png"):
         assert (wd / p).stat().st_size > 0, p
 
