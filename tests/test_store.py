@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from conftest import tiny_vit
 from stitchcache.backends import create_backbone
-from stitchcache.cache import FeatureStore, IncompleteStore, StoreBusy, StoreWriter, iter_batches, open_record
+from stitchcache.cache import FeatureStore, IncompleteStore, StoreBusy, StoreWriter, iter_batches
 from stitchcache.extract import extract
 
 

@@ -12,7 +12,6 @@ flat in dataset size.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, Sequence
@@ -108,110 +107,11 @@ def block_reader(x) -> Callable[..., np.ndarray]:
     if isinstance(x, QuantizedArray):
         rq, rs = block_reader(x.q), block_reader(x.scale)
         return lambda a, b, perm=None: dequantize(rq(a, b, perm), rs(a, b, perm), x.dtype)
-    direct = _direct_reader(x)
-    if direct is not None:
-        return direct
-
     def read(a, b, perm=None):
         d = np.asarray(x[a:b])
         return d if perm is None else np.take(d, perm, axis=0)
 
     return read
-
-
-def _direct_reader(x) -> Callable[[int, int], np.ndarray] | None:
-    """Fast path for what extract writes by default: an uncompressed, unsharded Zarr v3 array on a
-    local disk chunked along the image axis only. Chunk files are then the raw little-endian C-order
-    bytes of (chunk, ...) images, so a block is read straight into its buffer, rows already in the
-    shuffled order (os.preadv scatters file rows to their destinations): one copy out of the page
-    cache, where zarr's read plus a permutation make three. None when anything differs (a codec,
-    sharding, another store, big-endian), and the caller reads through zarr.
-    Set STITCHCACHE_ZARR_DIRECT=0 to always read through zarr."""
-    if os.environ.get("STITCHCACHE_ZARR_DIRECT", "1") == "0":
-        return None
-    try:
-        import sys
-
-        import zarr
-        from zarr.codecs import BytesCodec
-        from zarr.storage import LocalStore
-
-        if not isinstance(x, zarr.Array) or x.metadata.zarr_format != 3 or x.shards is not None:
-            return None
-        meta = x.metadata
-        if len(meta.codecs) != 1 or not isinstance(meta.codecs[0], BytesCodec):
-            return None
-        endian = getattr(meta.codecs[0].endian, "value", meta.codecs[0].endian)
-        dtype = np.dtype(x.dtype)
-        if dtype.itemsize > 1 and (endian != "little" or sys.byteorder != "little"):
-            return None
-        if dtype.kind not in "biuf" or not isinstance(x.store_path.store, LocalStore):
-            return None
-        chunk_shape = tuple(meta.chunk_grid.chunk_shape)
-        shape = tuple(x.shape)
-        if chunk_shape[1:] != shape[1:]:
-            return None
-        root = os.path.join(str(x.store_path.store.root), x.store_path.path)
-        fill = x.fill_value
-    except Exception:  # any surprise in zarr's internals: use zarr
-        return None
-    c0, rest = chunk_shape[0], shape[1:]
-    row_bytes = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
-    zeros = (0,) * len(rest)
-
-    def read(a: int, b: int, perm: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty((b - a,) + rest, dtype)
-        rows = out.reshape(b - a, -1).view(np.uint8) if b > a else out
-        # destination row of each source row: rows land permuted straight out of the file (scatter
-        # read, os.preadv), so shuffling costs no extra copy
-        dest = np.arange(b - a) if perm is None else np.argsort(perm)
-        pos = a
-        while pos < b:
-            ci = pos // c0
-            end = min(b, (ci + 1) * c0)
-            path = os.path.join(root, meta.encode_chunk_key((ci,) + zeros))
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # never written: zarr reads the fill value
-                out[dest[pos - a:end - a]] = fill
-                pos = end
-                continue
-            try:
-                if perm is None:
-                    _pread_into(fd, [memoryview(rows[pos - a:end - a].reshape(-1))], (pos - ci * c0) * row_bytes, path)
-                else:
-                    bufs = [memoryview(rows[i]) for i in dest[pos - a:end - a]]
-                    _pread_into(fd, bufs, (pos - ci * c0) * row_bytes, path)
-            finally:
-                os.close(fd)
-            pos = end
-        return out
-
-    return read
-
-
-_IOV_MAX = 1024 if hasattr(os, "preadv") else 1  # Linux's IOV_MAX
-
-
-def _pread_into(fd: int, bufs: list, offset: int, path: str) -> None:
-    """Fill the buffers in order from the file at offset (scatter read), however the kernel splits it."""
-    i = 0
-    while i < len(bufs):
-        group = bufs[i:i + _IOV_MAX]
-        n = os.preadv(fd, group, offset) if hasattr(os, "preadv") else os.pread(fd, len(group[0]), offset)
-        if not hasattr(os, "preadv"):  # pread returns bytes
-            group[0][: len(n)] = n
-            n = len(n)
-        if n <= 0:
-            raise OSError(f"{path}: chunk file shorter than expected")
-        offset += n
-        while n and i < len(bufs):
-            if n >= len(bufs[i]):
-                n -= len(bufs[i])
-                i += 1
-            else:  # partially filled: continue into the rest of this buffer
-                bufs[i] = bufs[i][n:]
-                n = 0
 
 
 def _prefetched(it: Iterator, depth: int) -> Iterator:
