@@ -257,9 +257,12 @@ def cache_root():
 
 
 def accelerator_in_use():
-    """Whether backbone jobs will run on a GPU: `device: cuda`, or `device: auto` on a machine that
-    shows one. Without one, `gpu` resources are 0 so CPU-only machines run those jobs side by side.
-    (On a cluster whose submit host has no GPU, set `device: cuda`.)"""
+    """Whether backbone jobs declare gpu=1: `gpu_jobs: true|false` decides outright; with
+    `gpu_jobs: auto` (default), `device: cuda`, or `device: auto` on a machine that shows a GPU.
+    Without one, `gpu` resources are 0 so CPU-only machines run those jobs side by side.
+    (On a cluster whose submit host has no GPU, set `device: cuda` or `gpu_jobs: true`.)"""
+    if config["gpu_jobs"] != "auto":
+        return bool(config["gpu_jobs"])
     device = config["device"]
     if device != "auto":
         return device == "cuda"
