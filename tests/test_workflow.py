@@ -418,3 +418,11 @@ def test_tiny_workflow_end_to_end(tmp_path):
 
     again = snakemake(wd, "-n", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # the HTML report renders the tables and both plots with their captions
+    snakemake(wd, "--report", "report.html", timeout=300)
+    html = (wd / "report.html").read_text()
+    assert html.count("data:image/png") >= 2
+    for caption in ("Stitched linear-probe accuracy by stitch layer", "Layer feature distance d_l",
+                    "arranged like the paper's tables", "One row per stitched model"):
+        assert caption in html, caption

@@ -8,9 +8,9 @@ rule table:
         probes=all_probes(),
     output:
         parquet="results/table.parquet",
-        csv="results/table.csv",
+        csv=report("results/table.csv", caption="../report/table.rst", category="Tables"),
         md="results/table.md",
-        paper="results/paper_tables.md",
+        paper=report("results/paper_tables.md", caption="../report/paper.rst", category="Tables"),
     log:
         "logs/table.log",
     params:
@@ -30,8 +30,8 @@ rule plot:
     input:
         table="results/table.parquet",
     output:
-        accuracy="results/plots/accuracy.png",
-        distances="results/plots/distances.png",
+        accuracy=report("results/plots/accuracy.png", caption="../report/accuracy.rst", category="Plots"),
+        distances=report("results/plots/distances.png", caption="../report/distances.rst", category="Plots"),
     log:
         "logs/plot.log",
     params:
