@@ -100,6 +100,14 @@ def _rows(table):
     return rows
 
 
+def _method_handles(methods, stitches, color, marker) -> list:
+    """Legend entries: one colour per method, one marker per stitch layer (when there are several)."""
+    handles = [Line2D([], [], color=color[m], lw=1.8, label=METHOD_NAMES.get(m, m)) for m in methods]
+    if len(stitches) > 1:
+        handles += [Line2D([], [], color="0.3", ls="", marker=marker[s], label=f"{s} stitch") for s in stitches]
+    return handles
+
+
 def plot_accuracy(table, out_png):
     rows = _rows(table)
     methods = sorted({r["method"] for r in rows}, key=method_rank)
@@ -133,9 +141,7 @@ def plot_accuracy(table, out_png):
         _layer_axis(ax, all_layers)
         ax.set_ylabel("probe accuracy (%)")
         ax.set_title(f"{ds}: {src} → {tgt}", fontsize=10)
-    handles = [Line2D([], [], color=color[m], lw=1.8, label=METHOD_NAMES.get(m, m)) for m in methods]
-    if len(stitches) > 1:
-        handles += [Line2D([], [], color="0.3", ls="", marker=marker[s], label=f"{s} stitch") for s in stitches]
+    handles = _method_handles(methods, stitches, color, marker)
     handles.append(Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4, label="S → T stitched"))
     if "src" in used:
         handles.append(Line2D([], [], color="0.3", ls=CONTROL_STYLES["src"], marker="o", mfc="white",
@@ -177,8 +183,6 @@ def plot_distances(table, out_png):
             _layer_axis(ax, all_layers)
             ax.set_ylabel("MSE per element")
             ax.set_title(f"{ds}: {src} → {tgt} — {name}", fontsize=10)
-    handles = [Line2D([], [], color=color[m], lw=1.8, label=METHOD_NAMES.get(m, m)) for m in methods]
-    if len(stitches) > 1:
-        handles += [Line2D([], [], color="0.3", ls="", marker=marker[s], label=f"{s} stitch") for s in stitches]
+    handles = _method_handles(methods, stitches, color, marker)
     fig.suptitle("Feature distances of the stitched model (validation split)", fontsize=11)
     return _finish(fig, handles, leg, out_png, len(handles))
