@@ -19,6 +19,7 @@ COMMANDS = {
     "table": ("stitchcache.report.cli", "configure_table_parser", "run_table", "results table (Parquet, CSV, Markdown)"),
     "plan": ("stitchcache.plan", "configure_parser", "main", "bytes and time an experiment will need, before any work"),
     "cache": ("stitchcache.cache.manage", "configure_parser", "main", "cache ls | du | verify | gc"),
+    "data": ("stitchcache.data.subset", "configure_parser", "main", "data subset: balanced per-class train/val lists"),
     "plot": ("stitchcache.report.cli", "configure_plot_parser", "run_plot", "plots of accuracy and distances by layer"),
 }
 

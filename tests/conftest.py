@@ -60,3 +60,36 @@ def extract_records(specs: dict, dataset: dict, tmp_path, chunk_size: int = 16) 
 
 
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+def write_ade20k(root, n_train: int = 16, n_val: int = 8, size=(40, 32), seed: int = 0):
+    """An ADEChallengeData2016-like folder: JPEG images and uint8 PNG masks (0 = other, 1..4 = classes).
+    Each image is split into 8-px-aligned rectangles of a class (raw label 1..4) or "other" (0); the
+    image colour follows the class (plus noise), so a per-patch head has something to learn."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = np.array([[128, 128, 128], [220, 40, 40], [40, 200, 40], [40, 40, 220], [230, 230, 40]])
+    w, h = size
+    for sub, n in (("training", n_train), ("validation", n_val)):
+        (root / "images" / sub).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((h, w), np.uint8)
+            for y in range(0, h, 8):
+                for x in range(0, w, 8):
+                    mask[y:y + 8, x:x + 8] = rng.integers(0, 5)
+            img = colours[mask] + rng.normal(0, 12, (h, w, 3))
+            stem = f"ADE_{'train' if sub == 'training' else 'val'}_{i:08d}"
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / sub / f"{stem}.jpg", quality=95)
+            Image.fromarray(mask, mode="L").save(root / "annotations" / sub / f"{stem}.png")
+    return root
+
+
+@pytest.fixture
+def ade20k(tmp_path):
+    """A tiny ADE20K-like dataset (16 train / 8 val images of 40x32 px) as a config dataset entry."""
+    root = write_ade20k(tmp_path / "ADEChallengeData2016")
+    return {"name": "ade", "type": "ade20k", "root": str(root),
+            "splits": {"train": {"source": "train"}, "val": {"source": "val"}}}

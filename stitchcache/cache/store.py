@@ -5,7 +5,8 @@ Layout of ``<cache_root>/features/<key>/``::
     zarr.json                 group attributes: model facts, dataset, layers, dtype, versions, created
     layer_00 ... layer_LL     (N, T, D) tokens after block l (layer_00 = embeddings)
     final                     (N, T, D) final-norm tokens (pre-logit)
-    labels                    (N,) int64
+    labels                    (N,) int64 class indices, or for segmentation (N, H, W) uint8 masks at the
+                              model's input size (255 = ignore); attributes task / num_classes / ignore_index
     <array>_scale             (N, T) float32 per-token scales, only when dtype is int8 (see quant.py)
     progress/chunk_000012     marker: every array's chunk 12 is written
     COMPLETE                  written last, atomically: the store is finished and may be read
@@ -166,7 +167,8 @@ class StoreWriter:
 
     def __init__(self, path, *, num_images: int, layers: list[int], num_tokens: int, width: int,
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
-                 compressor: str = "none", shard_size: int | None = None):
+                 compressor: str = "none", shard_size: int | None = None,
+                 label_shape: tuple = (), label_dtype: str = "int64"):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
@@ -185,12 +187,17 @@ class StoreWriter:
         self.shard_size = int(shard_size) if shard_size else None
         self.dtype = dtype
         self.layers = sorted(int(l) for l in layers)
+        self.label_shape, self.label_dtype = tuple(int(x) for x in label_shape), str(np.dtype(label_dtype))
         self.progress = self.path / "progress"
         shape = (self.num_images, int(num_tokens), int(width))
         try:
+            old = None
             if (self.path / "zarr.json").exists():
                 self.group = zarr.open_group(str(self.path), mode="r+")
                 old = dict(self.group.attrs)
+                if "num_images" not in old:  # killed while being created (_create writes the attributes
+                    old = None               # last, in one atomic write; no chunk is recorded yet): redo it
+            if old is not None:
                 if old.get("key_parts") != (attrs or {}).get("key_parts"):
                     raise RuntimeError(f"store {str(self.path)!r} exists with different inputs; refusing to mix")
                 # the geometry on disk wins over this call's settings (they are not part of the key)
@@ -229,12 +236,15 @@ class StoreWriter:
                 self.group.create_array(n + SCALE_SUFFIX, shape=shape[:2], dtype=SCALE_DTYPE,
                                         chunks=(C, shape[1]), shards=(S, shape[1]) if S else None,
                                         dimension_names=("image", "token"), config={"write_empty_chunks": True})
-        self.group.create_array("labels", shape=(self.num_images,), dtype="int64", chunks=(C,),
-                                shards=(S,) if S else None, dimension_names=("image",),
+        L = self.label_shape  # () class indices; (H, W) segmentation masks, chunked like the tokens
+        self.group.create_array("labels", shape=(self.num_images, *L), dtype=self.label_dtype, chunks=(C, *L),
+                                shards=(S, *L) if S else None,
+                                dimension_names=("image", "y", "x")[:1 + len(L)] if len(L) in (0, 2) else None,
                                 config={"write_empty_chunks": True})
         self.group.attrs.update({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,
                                  "dtype": self.dtype, "chunk_size": C, "shard_size": S,
                                  "compressor": compressor, "num_tokens": shape[1], "width": shape[2],
+                                 "label_shape": list(L), "label_dtype": self.label_dtype,
                                  **({"quantization": "int8 symmetric per token, <array>_scale float32 (N, T)"}
                                     if self.dtype == "int8" else {})})
 
@@ -274,7 +284,12 @@ class StoreWriter:
         a, b = self.unit_range(u)
         for name, value in [(layer_name(l), layers[l]) for l in self.layers] + [("final", final)]:
             self._write_tokens(name, a, b, value)
-        self.arrays["labels"][a:b] = np.asarray(labels, dtype=np.int64)
+        lab = self.arrays["labels"]
+        labels = np.asarray(labels)
+        if labels.shape != (b - a, *lab.shape[1:]):
+            raise ValueError(f"{self.path}: unit {u} labels have shape {labels.shape}, the store's labels "
+                             f"{(b - a, *lab.shape[1:])}")
+        lab[a:b] = labels.astype(lab.dtype, copy=False)
         for ci in self.unit_chunks(u):  # recorded only after every array has the whole unit
             (self.progress / f"chunk_{ci:06d}").touch()
 

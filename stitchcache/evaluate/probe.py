@@ -1,8 +1,16 @@
-"""Linear probe: one linear classifier on pooled final tokens; everything else frozen.
+"""Linear probe: one linear head on final tokens; everything else frozen.
 
-Pooled features are standardised with the training split's mean/std, the classifier is trained
-with the shared loop (AdamW, LR grid, early stopping on validation loss) and its accuracy on the
-validation split is reported.
+classification  one linear classifier on pooled final tokens (mean of patch tokens or CLS), features
+                standardised with the training split's mean/std; reported: validation accuracy.
+segmentation    one linear map per patch token (prefix tokens dropped; tokens standardised per
+                channel with the training split's patch-token mean/std) -> logit map on the token
+                grid -> bilinear upsampling to the mask size -> per-pixel cross-entropy over
+                labelled pixels; reported: validation mIoU (tasks.py). Tokens and masks are streamed
+                from the stores in chunk-sized blocks: memory is flat in the dataset size.
+
+Both train with the shared loop (AdamW, LR grid, early stopping on validation loss). The result
+carries ``task``, ``metric`` (accuracy | miou) and the metric's value in ``probe_acc`` (the key every
+consumer reads), plus ``probe_miou`` / ``probe_pixel_acc`` for segmentation.
 """
 from __future__ import annotations
 
@@ -12,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import open_record, pooled_features
+from ..cache import iter_batches, open_record, pooled_features
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
+from ..tasks import (SEGMENTATION, SegHead, Standardized, channel_stats, check_same_classes, head_metrics,
+                     seg_loss, store_grid, task_info)
 from ..train import FitConfig, fit
 
 
@@ -37,16 +47,65 @@ def linear_probe(x_tr, y_tr, x_va, y_va, num_classes: int, settings: dict, devic
     clf.load_state_dict(res.state)
     with torch.no_grad():
         acc = (clf(x_va).argmax(1) == y_va).float().mean().item()
-    return {"probe_acc": acc, "lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss}
+    return {"probe_acc": acc, "lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss,
+            "task": "classification", "metric": "accuracy"}
 
 
-def probe_stores(train_store, val_store, num_prefix: int, num_classes: int, settings: dict, device=None) -> dict:
+def seg_probe(train_store, val_store, num_prefix: int, grid, info: dict, settings: dict, device=None) -> dict:
+    """The segmentation linear probe, streamed from the stores (see the module docstring)."""
+    device = device or torch.device("cpu")
+    bs = int(settings.get("batch_size", 256))
+    cfg = FitConfig.from_settings(settings)
+    C, ignore = int(info["num_classes"]), int(info["ignore_index"])
+    width = train_store.final.shape[-1]
+    mean, std = channel_stats(train_store.final, num_prefix, bs)
+
+    def build():
+        return Standardized(mean, std, SegHead(width, C, num_prefix, grid, ignore))
+
+    train_arrays, val_arrays = [train_store.final, train_store.labels], [val_store.final, val_store.labels]
+
+    def val_loss(m):  # mean CE over every labelled validation pixel
+        total, n = 0.0, 0
+        for z, y in iter_batches(val_arrays, bs):
+            z, y = z.to(device), y.to(device)
+            total += float(seg_loss(m(z), y, ignore, reduction="sum"))
+            n += int((y != ignore).sum())
+        return total / max(n, 1)
+
+    res = fit(build, lambda seed: iter_batches(train_arrays, bs, shuffle=True, seed=seed),
+              lambda m, b: seg_loss(m(b[0]), b[1], ignore), val_loss, cfg, device, desc="probe (segmentation)")
+    best = build().to(device)
+    best.load_state_dict(res.state)
+    r = head_metrics(best, iter_batches(val_arrays, bs), device, info)
+    return {"probe_acc": r["miou"], "probe_miou": r["miou"], "probe_pixel_acc": r["pixel_acc"],
+            "classes_present": r["classes_present"], "lr": res.lr, "epochs": res.epochs,
+            "val_loss": res.val_loss, "task": SEGMENTATION, "metric": "miou"}
+
+
+def probe_stores(train_store, val_store, num_prefix: int, num_classes: int, settings: dict, device=None,
+                 grid=None) -> dict:
+    """Probe final tokens of a train/val pair of stores; the task comes from the stores' attributes.
+    ``grid``: the token grid (segmentation; default: the store's model facts)."""
+    info = task_info({**train_store.attrs, "num_classes": num_classes or train_store.attrs.get("num_classes")})
+    check_same_classes(train_store.attrs, val_store.attrs, f"probe {train_store.path.name}/{val_store.path.name}")
+    if info["task"] == SEGMENTATION:
+        grid = grid or store_grid(train_store)
+        return {"pool": None, "num_classes": int(info["num_classes"]),
+                **seg_probe(train_store, val_store, num_prefix, grid, info, settings, device)}
     pool = settings.get("pool", "mean")
     x_tr = pooled_features(train_store.final, num_prefix, pool)
     x_va = pooled_features(val_store.final, num_prefix, pool)
     y_tr = torch.from_numpy(train_store.labels[:])
     y_va = torch.from_numpy(val_store.labels[:])
-    return {"pool": pool, **linear_probe(x_tr, y_tr, x_va, y_va, num_classes, settings, device)}
+    return {"pool": pool, "num_classes": int(num_classes),
+            **linear_probe(x_tr, y_tr, x_va, y_va, num_classes, settings, device)}
+
+
+def describe(res: dict) -> str:
+    """'71.2% accuracy' / '23.4% mIoU' for logs."""
+    name = "mIoU" if res.get("metric") == "miou" else "accuracy"
+    return f"{100 * res['probe_acc']:.1f}% {name}"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -63,7 +122,7 @@ def main(args) -> int:
     rec, tr = open_record(args.train)
     _, va = open_record(args.val)
     res = probe_stores(tr, va, rec["facts"]["num_prefix_tokens"], int(rec["num_classes"]), settings,
-                       pick_device(settings.get("device", "auto")))
+                       pick_device(settings.get("device", "auto")), grid=rec["facts"].get("grid"))
     write_json(args.out, {"dataset": rec["dataset"], "model": rec["model"], **res})
-    log(f"probe {rec['model']} on {rec['dataset']}: {100 * res['probe_acc']:.1f}% (lr {res['lr']:g})")
+    log(f"probe {rec['model']} on {rec['dataset']}: {describe(res)} (lr {res['lr']:g})")
     return 0

@@ -4,7 +4,7 @@
    feature store (``<cache_root>/stitched/<key>``, keyed by checkpoint digest + source store), so
    probes and analyses treat a stitched model like any base model;
 2. linear probe on the exported final tokens (same probe as the base models);
-3. the TLT head's accuracy (tlt, ffm_tlt);
+3. the TLT head's task metric (tlt, ffm_tlt): accuracy, or mIoU for segmentation (tasks.py);
 4. d_l = mean_x mean_elem (s(S_l(x)) - T_l(x))^2 and d_L = mean_x mean_elem (stitched(x) - T_final(x))^2
    on the validation split (mean squared error per element).
 """
@@ -22,7 +22,8 @@ from ..backends import backbone_from_spec, weights_digest
 from ..cache import FeatureStore, StoreWriter, content_key, iter_batches, open_record
 from ..runtime import autocast, json_arg, log, pick_device, seed_everything, set_threads, write_json
 from ..stitch.model import StitchedTail, build_parts, load_checkpoint
-from .probe import probe_stores
+from ..tasks import SEGMENTATION, head_metrics, task_info
+from .probe import describe, probe_stores
 
 
 def export_final(tail: StitchedTail, src_store: FeatureStore, out_path: Path, attrs: dict, device,
@@ -32,8 +33,10 @@ def export_final(tail: StitchedTail, src_store: FeatureStore, out_path: Path, at
         return FeatureStore(out_path)
     tgt = tail.target
     src = src_store.layer(tail.layer)
+    labels = src_store.labels  # class indices, or segmentation masks (N, H, W) carried over as they are
     with StoreWriter(out_path, num_images=src_store.num_images, layers=[], num_tokens=tgt.num_tokens,
-                     width=tgt.width, dtype="float16", chunk_size=src.chunks[0], attrs=attrs) as w:
+                     width=tgt.width, dtype="float16", chunk_size=src.chunks[0], attrs=attrs,
+                     label_shape=labels.shape[1:], label_dtype=labels.dtype) as w:
         for ci in w.pending_chunks():
             a, b = w.chunk_range(ci)
             outs = []
@@ -58,6 +61,7 @@ def distances(stitch, layer: int, src_val, tgt_val, exported_val, device, batch_
 
 
 def head_accuracy(head, exported_val, device, batch_size: int = 512) -> float:
+    """Classification accuracy of a TLT head (segmentation: ``head_metrics`` in tasks.py)."""
     correct, n = 0, 0
     for z, y in iter_batches([exported_val.final, exported_val.labels], batch_size):
         with torch.no_grad():
@@ -91,23 +95,37 @@ def evaluate(args) -> dict:
         attrs = {"key": key, "key_parts": {"checkpoint": ck_digest, "source_store": rec["key"]},
                  "model_name": f"{spec['source_name']}->{spec['target_name']}@{l}/{spec['stitch']['kind']}/{spec['method']}",
                  "dataset": {"name": rec["dataset"], "split": split}, "num_classes": rec.get("num_classes"),
+                 **{k: store.attrs[k] for k in ("task", "ignore_index", "classes") if k in store.attrs},
+                 "grid": list(target.grid), "num_prefix_tokens": target.num_prefix_tokens,
                  "stitched": {"checkpoint": str(Path(args.checkpoint).resolve()), "layer": l}}
         exported[split] = export_final(tail, store, root / key[:24], attrs, device)
     probe_settings = dict(settings.get("probe", {}), seed=seed)
     num_classes = int(st_rec.get("num_classes") or 0)
     probe = probe_stores(exported["train"], exported["val"], target.num_prefix_tokens, num_classes,
-                         probe_settings, device)
+                         probe_settings, device, grid=target.grid)
+    info = task_info({**st.attrs, "num_classes": num_classes})
+    hm = None
+    if head is not None:
+        if info["task"] == SEGMENTATION:
+            hm = head_metrics(head, iter_batches([exported["val"].final, exported["val"].labels], 64), device, info)
+        else:
+            acc = head_accuracy(head, exported["val"], device)
+            hm = {"metric": "accuracy", "score": acc}
     dist = distances(stitch.to(device), l, sv, tv, exported["val"], device)
     result = {
         "dataset": spec["dataset"], "source": spec["source_name"], "target": spec["target_name"], "layer": l,
         "stitch": spec["stitch"]["kind"], "method": spec["method"],
         "kind": "self" if spec["source_name"] == spec["target_name"] else "cross", "seed": ckpt["train"]["seed"],
         "probe_acc": probe["probe_acc"], "probe_lr": probe["lr"], "pool": probe["pool"],
-        "head_acc": head_accuracy(head, exported["val"], device) if head is not None else None,
+        "head_acc": hm["score"] if hm else None,  # the task metric: accuracy, or mIoU (see "metric")
+        "task": info["task"], "metric": info["metric"], "num_classes": num_classes,
         "d_l": dist["d_l"], "d_L": dist["d_L"], "lr": ckpt["train"]["lr"], "epochs": ckpt["train"]["epochs"],
         "train_seconds": ckpt["train"]["train_seconds"], "eval_seconds": time.time() - t0,
         "exported_train": str(exported["train"].path), "exported_val": str(exported["val"].path),
     }
+    if info["task"] == SEGMENTATION:
+        result.update(probe_miou=probe["probe_miou"], probe_pixel_acc=probe["probe_pixel_acc"],
+                      head_miou=hm["miou"] if hm else None, head_pixel_acc=hm["pixel_acc"] if hm else None)
     return result
 
 
@@ -125,6 +143,6 @@ def main(args) -> int:
     res = evaluate(args)
     write_json(args.out, res)
     head = f", head {100 * res['head_acc']:.1f}%" if res["head_acc"] is not None else ""
-    log(f"{res['method']} {res['source']}->{res['target']} @{res['layer']}: probe {100 * res['probe_acc']:.1f}%{head}, "
+    log(f"{res['method']} {res['source']}->{res['target']} @{res['layer']}: probe {describe(res)}{head}, "
         f"d_l {res['d_l']:.3g}, d_L {res['d_L']:.3g}")
     return 0
