@@ -132,7 +132,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--layer", required=True, type=int)
-    p.add_argument("--stitch", required=True, choices=sorted(STITCH_LAYERS))
+    p.add_argument("--stitch", required=True, choices=sorted(STITCH_LAYERS),
+                   help="stitch layer choice: family + init (linear_lstsq: linear, least-squares init)")
     for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
         p.add_argument(f"--{name}", required=True, help="feature record JSON")
     p.add_argument("--init", help="checkpoint to start from (ffm_tlt: the FFM checkpoint)")

@@ -83,7 +83,7 @@ def test_write_table_roundtrip_and_markdown(records, tmp_path):
     pq_path, csv_path, md_path, paper_path = write_table(t, load_probes(probes), tmp_path / "out")
     assert paper_path.name == "paper_tables.md" and paper_path.is_file()
     back = pq.read_table(pq_path)
-    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 17
+    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 19
     assert back.column_names == COLUMNS
     assert back.to_pylist() == t.to_pylist()
     meta = back.schema.metadata
@@ -358,3 +358,186 @@ def test_paper_tables_skip_notes(tmp_path):
     for name in ("Table 1", "Table 4", "Tables 5–9"):
         assert f"> {name} skipped: no cross-model (S ≠ T)" in md
     assert paper_tables(t.slice(0, 0), probes).endswith("> No stitching results: every table skipped.\n")
+
+
+# ----------------------------------------------------------------------------- inits and several datasets
+
+INIT_SHIFT = {"linear": 0.0, "linear_lstsq": 0.05, "mlp": 0.02}   # distinct accuracy per stitch choice
+
+
+def choice_eval(ds, src, tgt, layer, choice, method):
+    """An eval.json as the evaluate stage writes it: ``stitch`` is the stitch choice (the checkpoint's
+    stitch kind, e.g. ``linear_lstsq``), no init field."""
+    rec = fake_eval(src, tgt, layer, method)
+    shift = INIT_SHIFT[choice] + DATASETS[ds]
+    rec.update(dataset=ds, stitch=choice, probe_acc=rec["probe_acc"] + shift)
+    if rec["head_acc"] is not None:
+        rec["head_acc"] += shift
+    return rec
+
+
+def write_results(root, datasets=DATASETS, choices=("linear", "linear_lstsq", "mlp"), metric=None):
+    """results/probes/{dataset}/{model}.json and results/stitch/{dataset}/.../{choice}/{method}/eval.json."""
+    evals, probes = [], []
+    for ds in datasets:
+        for model, acc in MODELS.items():
+            p = root / "probes" / ds / f"{model}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            rec = {"dataset": ds, "model": model, "pool": "mean", "probe_acc": acc + DATASETS[ds]}
+            if metric and ds in metric:
+                rec["metric"] = metric[ds]
+            p.write_text(json.dumps(rec))
+            probes.append(p)
+        for src, tgt in PAIRS:
+            for layer in LAYERS:
+                for choice in choices:
+                    for method in METHODS:
+                        p = root / "stitch" / ds / f"{src}--{tgt}" / f"layer{layer}" / choice / method / "eval.json"
+                        p.parent.mkdir(parents=True, exist_ok=True)
+                        rec = choice_eval(ds, src, tgt, layer, choice, method)
+                        if metric and ds in metric:
+                            rec["metric"] = metric[ds]
+                        p.write_text(json.dumps(rec))
+                        evals.append(p)
+    return evals, probes
+
+
+def test_table_splits_the_stitch_choice_into_family_and_init(tmp_path):
+    evals, probes = write_results(tmp_path / "results", {"fmnist": 0.0})
+    t = build_table(evals, probes)
+    rows = t.to_pylist()
+    assert t.num_rows == len(PAIRS) * len(LAYERS) * 3 * len(METHODS)          # no duplicate-key error
+    assert {(r["stitch"], r["init"]) for r in rows} == {("linear", "default"), ("linear", "lstsq"), ("mlp", "default")}
+    assert {r["metric"] for r in rows} == {"accuracy"}
+    pick = lambda init: next(r for r in rows if (r["source"], r["target"], r["layer"], r["method"], r["stitch"],
+                                                 r["init"]) == ("sup", "ssl", 2, "ffm", "linear", init))
+    assert pick("lstsq")["probe_acc"] == pytest.approx(choice_eval("fmnist", "sup", "ssl", 2, "linear_lstsq", "ffm")["probe_acc"])
+    assert pick("default")["probe_acc"] == pytest.approx(choice_eval("fmnist", "sup", "ssl", 2, "linear", "ffm")["probe_acc"])
+    # within a pair / family / method / layer, the default init sorts before lstsq
+    i = [(r["stitch"], r["init"]) for r in rows if (r["source"], r["target"], r["layer"], r["method"]) == ("sup", "ssl", 1, "lfm")]
+    assert i == [("linear", "default"), ("linear", "lstsq"), ("mlp", "default")]
+    # an explicit init that contradicts the choice name is an error naming the file
+    bad = json.loads(evals[0].read_text())
+    bad.update(stitch="linear_lstsq", init="default")
+    evals[0].write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"eval\.json.*init"):
+        build_table(evals, probes)
+
+
+def test_markdown_and_csv_keep_both_inits(tmp_path):
+    evals, probes = write_results(tmp_path / "results", {"fmnist": 0.0})
+    _, csv_path, md_path, _ = write_table(build_table(evals, probes), None, tmp_path / "out")
+    csv = pcsv.read_csv(csv_path).to_pylist()
+    assert {(r["stitch"], r["init"]) for r in csv} == {("linear", "default"), ("linear", "lstsq"), ("mlp", "default")}
+    md = md_path.read_text()
+    for choice, label in (("linear", "linear (default init)"), ("linear_lstsq", "linear (lstsq init)"), ("mlp", "mlp")):
+        cells = " | ".join(f"{100 * choice_eval('fmnist', 'sup', 'ssl', l, choice, 'ffm')['probe_acc']:.1f}" for l in LAYERS)
+        assert f"| sup → ssl | {label} | ffm | {cells} |" in md, label
+
+
+def test_paper_table3_linear_default_and_lstsq_rows(tmp_path):
+    from stitchcache.report import paper_tables
+    evals, probes = write_results(tmp_path / "results", {"fmnist": 0.0})
+    md = paper_tables(build_table(evals, probes))
+    rows = block(section(md, "Table 3"), "fmnist")
+    assert [r.split(" | ")[1] for r in rows[2:]] == ["Linear (default init)", "Linear (lstsq init)", "MLP"] * 2
+    for i, choice in enumerate(("linear", "linear_lstsq", "mlp")):     # ssl → sup first, FFM→TLT head accuracy
+        want = " | ".join(f"{100 * choice_eval('fmnist', 'ssl', 'sup', l, choice, 'ffm_tlt')['head_acc']:.1f}"
+                          for l in LAYERS)
+        assert rows[2 + i].endswith(f" | {want} |"), (choice, rows[2 + i])
+    assert "### fmnist: sup → ssl, Linear (lstsq init) stitch" in section(md, "Table 1")
+    assert "### fmnist, Linear (default init) stitch" in section(md, "Table 4")
+    # the two inits of one family alone are enough for Table 3
+    evals, probes = write_results(tmp_path / "only_linear", {"fmnist": 0.0}, ("linear", "linear_lstsq"))
+    md = paper_tables(build_table(evals, probes))
+    t3 = section(md, "Table 3")
+    assert "skipped" not in t3 and "No mlp / lora results" in t3
+    assert [r.split(" | ")[1] for r in block(t3, "fmnist")[2:]] == ["Linear (default init)", "Linear (lstsq init)"] * 2
+
+
+class _Figures:
+    """Records what the plot functions draw (titles, y labels, legend labels) before closing a figure."""
+
+    def __init__(self, monkeypatch):
+        import stitchcache.report.plots as plots
+        self.figs, real = [], plots.plt.close
+
+        def close(fig=None):
+            self.figs.append({"titles": [ax.get_title() for ax in fig.axes if ax.get_visible()],
+                              "ylabels": [ax.get_ylabel() for ax in fig.axes if ax.get_visible()],
+                              "legend": [t.get_text() for leg in fig.legends for t in leg.get_texts()]})
+            real(fig)
+        monkeypatch.setattr(plots.plt, "close", close)
+
+
+def test_two_datasets_through_the_cli(tmp_path, capsys, monkeypatch):
+    res = tmp_path / "results"
+    evals, probes = write_results(res)
+    assert run_table(cli(configure_table_parser, ["--evals", *evals, "--probes", *probes, "--out-dir", res])) == 0
+    assert "(2 dataset(s))" in capsys.readouterr().out
+    t = pq.read_table(res / "table.parquet")
+    assert sorted(set(t.column("dataset").to_pylist())) == ["cifar", "fmnist"]
+    assert t.num_rows == 2 * len(PAIRS) * len(LAYERS) * 3 * len(METHODS)
+    assert {(p["dataset"], p["model"]) for p in probe_table(t).to_pylist()} == {(d, m) for d in DATASETS for m in MODELS}
+    # src/tgt probes are joined per dataset
+    r = next(r for r in t.to_pylist() if r["dataset"] == "cifar" and r["source"] == "sup")
+    assert r["src_probe_acc"] == pytest.approx(MODELS["sup"] + DATASETS["cifar"])
+    md = (res / "table.md").read_text()
+    assert md.index("## cifar") < md.index("## fmnist")
+    cifar = md.split("## cifar")[1].split("## fmnist")[0]
+    assert f"| sup | mean | {100 * (MODELS['sup'] + DATASETS['cifar']):.1f} |" in cifar
+    assert "| sup → ssl | linear (lstsq init) | lfm |" in cifar
+    paper = (res / "paper_tables.md").read_text()
+    t3 = section(paper, "Table 3")
+    for ds in DATASETS:
+        assert [r.split(" | ")[1] for r in block(t3, ds)[2:]] == ["Linear (default init)", "Linear (lstsq init)", "MLP"] * 2
+    cifar_lstsq = block(t3, "cifar")[3]
+    want = " | ".join(f"{100 * choice_eval('cifar', 'ssl', 'sup', l, 'linear_lstsq', 'ffm_tlt')['head_acc']:.1f}" for l in LAYERS)
+    assert cifar_lstsq == f"|  | Linear (lstsq init) | {want} |"
+    assert "skipped" not in section(paper, "Table 2")
+    # plots: same two file names, one facet per (dataset, cross pair), legend tells the inits apart
+    figs = _Figures(monkeypatch)
+    assert run_plot(cli(configure_plot_parser, ["--table", res / "table.parquet", "--out-dir", res / "plots"])) == 0
+    assert_png(res / "plots" / "accuracy.png")
+    assert_png(res / "plots" / "distances.png")
+    acc, dist = figs.figs
+    assert acc["titles"] == ["cifar: ssl → sup", "cifar: sup → ssl", "fmnist: ssl → sup", "fmnist: sup → ssl"]
+    assert len(dist["titles"]) == 8 and dist["titles"][0].startswith("cifar: ssl → sup") \
+        and dist["titles"][-1].startswith("fmnist: sup → ssl")
+    for fig in (acc, dist):
+        assert {"linear (default init) stitch", "linear (lstsq init) stitch", "mlp stitch"} <= set(fig["legend"])
+    assert set(acc["ylabels"]) == {"probe accuracy (%)"}
+
+
+def test_a_dataset_with_another_metric(tmp_path, monkeypatch):
+    from stitchcache.report import paper_tables
+    """A segmentation dataset's records say metric "miou" (probe_acc / head_acc hold the mIoU)."""
+    evals, probes = write_results(tmp_path / "results", metric={"cifar": "miou"})
+    t = build_table(evals, probes)
+    assert {(r["dataset"], r["metric"]) for r in t.to_pylist()} == {("cifar", "miou"), ("fmnist", "accuracy")}
+    assert {(p["dataset"], p["metric"]) for p in probe_table(t).to_pylist()} == {
+        ("cifar", "miou"), ("fmnist", "accuracy")}
+    _, _, md_path, _ = write_table(t, None, tmp_path / "out")
+    md = md_path.read_text()
+    cifar, fmnist = md.split("## cifar")[1].split("## fmnist")
+    assert "### Stitched probe mIoU (%) by layer" in cifar and "probe mIoU (%)" in cifar
+    assert "### Stitched probe accuracy (%) by layer" in fmnist and "mIoU" not in fmnist
+    assert "Metric per dataset" in paper_tables(t) and "cifar: mIoU" in paper_tables(t)
+    figs = _Figures(monkeypatch)
+    plot_accuracy(t, tmp_path / "acc.png")
+    assert figs.figs[0]["ylabels"] == ["probe mIoU (%)"] * 2 + ["probe accuracy (%)"] * 2
+
+
+def test_a_table_without_the_init_and_metric_columns_still_plots(records, tmp_path):
+    """A table.parquet written before the init / metric columns existed (stitch = the choice name)."""
+    evals, probes = records
+    t = build_table(evals, probes).drop_columns(["init", "metric"])
+    rows = t.to_pylist()
+    for r in rows[:6]:
+        r["stitch"] = "linear_lstsq"
+    old = pa.Table.from_pylist(rows, schema=t.schema)
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert run_plot(cli(configure_plot_parser, ["--table", tmp_path / "old.parquet", "--out-dir", tmp_path / "p"])) == 0
+    from stitchcache.report.tables import rows_of
+    got = {(r["stitch"], r["init"], r["metric"]) for r in rows_of(old)}
+    assert got == {("linear", "lstsq", "accuracy"), ("mlp", "default", "accuracy")}

@@ -80,6 +80,23 @@ def test_identity_self_stitch_is_exact(layer):
         torch.testing.assert_close(StitchedTail(stitch, bb, layer)(h), bb(x), rtol=0, atol=1e-6)
 
 
+def test_stitch_choices_are_family_plus_init():
+    """linear_lstsq is the linear family with the lstsq init: same module, its own name everywhere
+    (CLI --stitch, wildcard, checkpoint kind); names round-trip through (family, init)."""
+    from stitchcache.stitch.choices import CHOICES, choice_name, parse_choice
+    from stitchcache.stitch.layers import STITCH_LAYERS, LinearStitch
+
+    assert set(STITCH_LAYERS) == set(CHOICES) == {"linear", "linear_lstsq", "mlp", "lora"}
+    assert parse_choice("linear_lstsq") == ("linear", "lstsq") and parse_choice("mlp") == ("mlp", "default")
+    assert all(choice_name(*parse_choice(c)) == c for c in CHOICES)
+    cfg = {"kind": "linear_lstsq", "d_in": 32, "d_out": 48, "src_prefix": 1, "tgt_prefix": 1}
+    a, b = Stitch(cfg), Stitch({**cfg, "kind": "linear"})
+    assert isinstance(a.layer, LinearStitch) and a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())
+    h = torch.randn(2, 65, 32)
+    torch.testing.assert_close(a(h), b(h))
+
+
 def test_load_stitched_rebuilds_the_model(stores, tmp_path):
 
     out, _ = _train(stores, tmp_path, "ffm", settings={"max_epochs": 1})

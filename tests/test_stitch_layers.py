@@ -4,7 +4,8 @@ LoRA: only adapters (+ width projection) train, every adapter is live, with B = 
 the source block l+1 on every family (rope included), checkpoints hold only the trainable tensors and
 reload to the same outputs. Every family (linear, mlp, lora) lowers the FFM loss between two different
 libraries (timm ViT with registers <-> transformers Dinov2Model) through the CLI. lstsq recovers an
-exact affine map and gives the linear stitch a better start.
+exact affine map; the linear_lstsq stitch choice starts from the least-squares minimum of the LFM loss
+(a better start than the default init), chains into ffm_tlt and reloads.
 """
 import json
 
@@ -209,10 +210,115 @@ def test_lora_checkpoint_reloads_to_the_same_outputs(stores, tmp_path):
 
 def test_lstsq_init_starts_the_linear_stitch_better(stores, tmp_path):
     runs = {}
-    for init in ("default", "lstsq"):
-        (tmp_path / init).mkdir()
-        out, metrics = _train(stores, tmp_path / init, "lfm", "linear", "d", "t",
-                              settings={"max_epochs": 1, "linear_init": init})
-        runs[init] = metrics
-    assert runs["lstsq"]["init"] == "lstsq" and runs["default"]["init"] == "default"
-    assert runs["lstsq"]["history"][0]["train_loss"] < 0.5 * runs["default"]["history"][0]["train_loss"]
+    for choice in ("linear", "linear_lstsq"):
+        (tmp_path / choice).mkdir()
+        out, metrics = _train(stores, tmp_path / choice, "lfm", choice, "d", "t", settings={"max_epochs": 1})
+        runs[choice] = metrics
+    assert (runs["linear_lstsq"]["init"], runs["linear_lstsq"]["start"]) == ("lstsq", "lstsq")
+    assert (runs["linear"]["init"], runs["linear"]["start"]) == ("default", "default")
+    assert runs["linear_lstsq"]["history"][0]["train_loss"] < 0.5 * runs["linear"]["history"][0]["train_loss"]
+
+
+def _train_tokens(recs, src, tgt, layer=1):
+    """All training tokens: source (prefix-mapped by hand: every target prefix slot gets the source CLS,
+    as 'd' has only a CLS and 't' has CLS + 4 registers) and target, float64, one row per token."""
+    from stitchcache.cache import open_record
+
+    _, s_store = open_record(recs[src, "train"])
+    _, t_store = open_record(recs[tgt, "train"])
+    hs = torch.as_tensor(s_store.layer(layer)[:].astype("float64"))
+    ht = torch.as_tensor(t_store.layer(layer)[:].astype("float64"))
+    pt = ht.shape[1] - (hs.shape[1] - 1)  # target prefix tokens (patch grids are equal)
+    hs = torch.cat([hs[:, :1].expand(-1, pt, -1), hs[:, 1:]], dim=1)
+    return hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), s_store.layer(layer)[:], t_store.layer(layer)[:]
+
+
+def test_lstsq_init_solves_the_least_squares_problem(stores, tmp_path, monkeypatch):
+    """At step 0 (the module the trainer hands to the optimiser) the linear_lstsq stitch's LFM loss on the
+    training split equals the closed-form least-squares minimum (an independent torch.linalg.lstsq on all
+    training tokens) and is <= the default init's; its gradient there vanishes."""
+    import stitchcache.stitch.trainer as trainer
+
+    real_fit, start = trainer.fit, {}
+
+    def spy_fit(build, *args, **kwargs):
+        start["module"] = build()  # exactly what fit() trains from
+        return real_fit(build, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit", spy_fit)
+    x, y, hs_raw, ht_raw = _train_tokens(stores, "d", "t")
+    hs_raw, ht_raw = torch.as_tensor(hs_raw.astype("float32")), torch.as_tensor(ht_raw.astype("float32"))
+    # the minimum of the problem, without the ridge: [X 1] beta = Y
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    beta = torch.linalg.lstsq(xa, y).solution
+    loss_star = float(((xa @ beta - y) ** 2).mean())
+    # the documented closed form the init uses (lstsq.py): centred, ridge lam = 1e-4 trace(C_xx) / D_s on W only
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    cxx = xc.t() @ xc
+    w_star = torch.linalg.solve(cxx + 1e-4 * torch.trace(cxx) / cxx.shape[0] * torch.eye(cxx.shape[0], dtype=x.dtype),
+                                xc.t() @ yc)
+    w_star, b_star = w_star.t(), y.mean(0) - x.mean(0) @ w_star
+
+    losses, grads = {}, {}
+    for choice in ("linear", "linear_lstsq"):
+        (tmp_path / choice).mkdir()
+        _train(stores, tmp_path / choice, "lfm", choice, "d", "t", settings={"max_epochs": 1})
+        stitch = start.pop("module")["stitch"].double()
+        stitch.zero_grad()
+        loss = torch.nn.functional.mse_loss(stitch(hs_raw.double()), ht_raw.double())  # the LFM loss, whole split
+        loss.backward()
+        losses[choice] = loss.item()
+        grads[choice] = max(float(p.grad.abs().max()) for p in stitch.parameters())
+        if choice == "linear_lstsq":
+            proj = stitch.layer.proj
+            torch.testing.assert_close(proj.weight.detach(), w_star, rtol=0, atol=1e-4 * float(w_star.abs().max()))
+            torch.testing.assert_close(proj.bias.detach(), b_star, rtol=0, atol=1e-4 * float(b_star.abs().max()))
+
+    assert losses["linear_lstsq"] == pytest.approx(loss_star, rel=1e-3)  # the least-squares minimum (ridge 1e-4)
+    assert losses["linear_lstsq"] >= loss_star * (1 - 1e-9)              # (nothing linear beats it)
+    assert losses["linear_lstsq"] <= losses["linear"]
+    assert losses["linear_lstsq"] < 0.5 * losses["linear"]              # and by a wide margin here
+    assert grads["linear_lstsq"] < 1e-2 * grads["linear"]              # a stationary point
+
+
+def test_linear_lstsq_chain_and_reload(stores, tmp_path):
+    """ffm -> ffm_tlt with linear_lstsq: ffm starts from the least-squares fit, ffm_tlt from the ffm
+    checkpoint (a plain linear ffm checkpoint is refused), load_stitched rebuilds the checkpoint, and
+    evaluate + the report turn it into a linear / lstsq results row."""
+    from stitchcache.cache import iter_batches, open_record
+    from stitchcache.train import mean_over
+
+    ffm, m_ffm = _train(stores, tmp_path, "ffm", "linear_lstsq", "d", "t", settings={"max_epochs": 1})
+    assert (m_ffm["stitch"], m_ffm["family"], m_ffm["init"], m_ffm["start"]) == ("linear_lstsq", "linear", "lstsq", "lstsq")
+    ckpt = load_checkpoint(ffm)
+    assert ckpt["spec"]["stitch"]["kind"] == "linear_lstsq" and ckpt["train"]["init"] == "lstsq"
+    model = load_stitched(ffm)
+    assert isinstance(model.tail.stitch.layer.proj, torch.nn.Linear)
+    _, sv = open_record(stores["d", "val"])
+    _, tv = open_record(stores["t", "val"])
+    with torch.no_grad():
+        val = mean_over(iter_batches([sv.layer(1), tv.final], 16), lambda b: ffm_loss(model.tail, b[0], b[1]))
+    assert val == pytest.approx(ckpt["train"]["val_loss"], rel=1e-5, abs=1e-7)
+
+    argv = lambda stitch, init: ["train", "--method", "ffm_tlt", "--layer", "1", "--stitch", stitch,
+                                 "--src-train", stores["d", "train"], "--src-val", stores["d", "val"],
+                                 "--tgt-train", stores["t", "train"], "--tgt-val", stores["t", "val"],
+                                 "--init", str(init), "--settings", json.dumps({"max_epochs": 1, "batch_size": 16}),
+                                 "--out", str(tmp_path / f"ffm_tlt-{stitch}.pt"),
+                                 "--metrics", str(tmp_path / f"ffm_tlt-{stitch}.json")]
+    assert cli(argv("linear_lstsq", ffm)) == 0
+    m = json.loads((tmp_path / "ffm_tlt-linear_lstsq.json").read_text())
+    assert (m["init"], m["start"]) == ("lstsq", "checkpoint")
+    with pytest.raises(SystemExit, match="different stitch layer"):
+        cli(argv("linear", ffm))
+    # evaluate -> table: the eval.json names the choice, the results row splits it into family + init
+    from stitchcache.report import build_table
+    ev = tmp_path / "eval.json"
+    assert cli(["evaluate", "--checkpoint", str(ffm), "--src-train", stores["d", "train"], "--src-val", stores["d", "val"],
+                "--tgt-train", stores["t", "train"], "--tgt-val", stores["t", "val"], "--cache-root", str(tmp_path / "cache"),
+                "--settings", json.dumps({"probe": {"max_epochs": 1, "lr_grid": [0.01]}}), "--out", str(ev)]) == 0
+    assert json.loads(ev.read_text())["stitch"] == "linear_lstsq"
+    row = build_table([ev], []).to_pylist()[0]
+    assert (row["stitch"], row["init"], row["method"]) == ("linear", "lstsq", "ffm")
+    with pytest.raises(SystemExit, match="linear_init was removed"):
+        _train(stores, tmp_path, "lfm", "linear", "d", "t", settings={"linear_init": "lstsq"})

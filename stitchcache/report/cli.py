@@ -30,7 +30,7 @@ def configure_plot_parser(p):
 def run_plot(args):
     import pyarrow.parquet as pq
     from .plots import plot_accuracy, plot_distances
-    from .tables import COLUMNS
+    from .tables import COLUMNS, LATER_COLUMNS
     path = Path(args.table)
     if not path.is_file():
         raise FileNotFoundError(f"results table not found: {path}")
@@ -38,7 +38,7 @@ def run_plot(args):
         table = pq.read_table(path)
     except Exception as e:
         raise ValueError(f"{path}: cannot read the results table ({e})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in table.column_names and c not in LATER_COLUMNS]
     if missing:
         raise ValueError(f"{path}: results table lacks column(s) {', '.join(missing)}")
     out = Path(args.out_dir)

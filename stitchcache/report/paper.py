@@ -6,7 +6,9 @@ stitch families / methods / seeds the results table holds (see docs/stages/repor
 - Table 1: TLT vs FFM→TLT ("pre-training" No / FFM) by layer, per dataset, ordered cross pair and
   stitch family.
 - Table 2: S→S, T→T, S→T, T→S across datasets at selected layers (only with several datasets).
-- Table 3: stitch families (Linear, MLP, LoRA) by layer per ordered cross pair, for one recipe.
+- Table 3: stitch families (Linear, MLP, LoRA) by layer per ordered cross pair, for one recipe; a
+  family trained with several inits (``linear`` and ``linear_lstsq``) gives one row per init,
+  "Linear (default init)" and "Linear (lstsq init)".
 - Table 4: LFM vs FFM by layer: stitched probe accuracy, d_l and d_L, with the base probes.
 - Tables 5–9: per ordered cross pair and stitch family, the S→S and T→T self-stitch controls and
   the S→T stitched model for every recipe, plus the two base linear probes.
@@ -16,16 +18,24 @@ paper reports for its trained head), the stitched linear-probe accuracy ``probe_
 label-free lfm / ffm. A tlt / ffm_tlt cell without a head accuracy falls back to ``probe_acc`` and
 is marked ``*``. A table whose inputs are missing is replaced by a one-line note saying why.
 Cells with several seeds show mean ± sample standard deviation (n − 1).
+
+Stitch layers are told apart by *variant* = family + init (``stitchcache.stitch.choices``: the
+results table's ``stitch`` + ``init`` columns, rejoined as ``linear`` / ``linear_lstsq`` / ...), so
+every table below keeps the two inits of the Linear stitch apart. Several datasets: each table has a
+block per dataset (Table 2 puts them side by side); a dataset whose results name another ``metric``
+than accuracy (e.g. mIoU) is listed in the header, and its "accuracy" cells hold that metric.
 """
 from __future__ import annotations
 
 import math
 
-from .tables import DASH, method_rank, probe_table
+from ..stitch.choices import DEFAULT_INIT, parse_choice
+from .tables import (DASH, DEFAULT_METRIC, init_rank, method_rank, metric_name, probe_table, rows_of, stitch_labels,
+                     variant)
 
 TLT_METHODS = ("tlt", "ffm_tlt")
 RECIPE_PREFERENCE = ("ffm_tlt", "tlt", "ffm", "lfm")   # the paper's recipe first
-STITCH_ORDER = ("linear", "mlp", "lora")                 # Table 3's order (by capacity)
+STITCH_ORDER = ("linear", "mlp", "lora")                 # Table 3's order (by capacity), inits within a family
 STITCH_NAMES = {"linear": "Linear", "mlp": "MLP", "lora": "LoRA"}
 METHOD_NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 FALLBACK = "*"
@@ -70,7 +80,10 @@ def fmt_cell(vals, kind="acc", marked=False):
 
 
 def stitch_rank(s):
-    return (STITCH_ORDER.index(s), "") if s in STITCH_ORDER else (len(STITCH_ORDER), s)
+    """Order of stitch variants: family (STITCH_ORDER, then by name), then init (default first)."""
+    family, init = parse_choice(s)
+    fam = (STITCH_ORDER.index(family), "") if family in STITCH_ORDER else (len(STITCH_ORDER), family)
+    return fam + init_rank(init)
 
 
 def recipe_rank(m):
@@ -105,8 +118,12 @@ class _Results:
     """The rows of one results table, indexed for the paper tables."""
 
     def __init__(self, table, probes):
-        self.rows = [dict(r) for r in table.to_pylist()]
+        self.rows = rows_of(table)
+        for r in self.rows:   # from here on "stitch" is the variant (family + init), "family" the family
+            r["family"], r["stitch"] = r["stitch"], variant(r)
+        self.names = {}       # variant -> "Linear (lstsq init)", ... (per dataset: see name())
         self.datasets = sorted({r["dataset"] for r in self.rows})
+        self.metrics = {ds: sorted({r["metric"] for r in self.rows if r["dataset"] == ds}) for ds in self.datasets}
         self.seeds = sorted({r["seed"] for r in self.rows if r["seed"] is not None})
         self.probe = {(p["dataset"], p["model"]): p["probe_acc"] for p in probes.to_pylist()
                       if _ok(p["probe_acc"])}
@@ -155,6 +172,17 @@ class _Results:
     def methods(self, **match):
         return sorted({r["method"] for r in self.where(**match)}, key=method_rank)
 
+    def name(self, st, ds=None):
+        """Display name of a stitch variant: the family's name, with its init when the results (of
+        ``ds``, or all) hold that family with a non-default init."""
+        key = ds or ""
+        if key not in self.names:
+            rows = [dict(r, stitch=r["family"]) for r in self.rows if ds is None or r["dataset"] == ds]
+            self.names[key] = stitch_labels(rows, lambda f: STITCH_NAMES.get(f, f))
+        family, init = parse_choice(st)
+        return self.names[key].get(st) or STITCH_NAMES.get(family, family) + (
+            "" if init == DEFAULT_INIT else f" ({init} init)")
+
     def probe_cell(self, ds, model):
         v = self.probe.get((ds, model))
         return fmt_cell([v]) if v is not None else DASH
@@ -190,7 +218,7 @@ def table1(R):
                 layers = R.layers(dataset=ds, source=src, target=tgt, stitch=st)
                 if not any(R.has(ds, src, tgt, st, m, layers) for m in TLT_METHODS):
                     continue
-                out += [f"### {ds}: {_arrow(src, tgt)}, {STITCH_NAMES.get(st, st)} stitch", ""]
+                out += [f"### {ds}: {_arrow(src, tgt)}, {R.name(st, ds)} stitch", ""]
                 out += _md(["Pre-train"] + [f"L{l}" for l in layers],
                            [[label] + [R.cell(ds, src, tgt, st, m, l) for l in layers]
                             for label, m in (("No", "tlt"), ("FFM", "ffm_tlt"))])
@@ -212,7 +240,7 @@ def table2(R):
     cols = [(ds, l) for ds in R.datasets for l in sel[ds]]
     out += [f"Rows: the self-stitch controls S→S and T→T, the stitched S→T and the reverse pair T→S; "
             f"columns: dataset × stitch layer (at most three layers per dataset, spread from the "
-            f"second to the deepest). {STITCH_NAMES.get(st, st)} stitch, {_recipe_note(m, methods)}; "
+            f"second to the deepest). {R.name(st)} stitch, {_recipe_note(m, methods)}; "
             f"accuracy: {'TLT task-head accuracy' if m in TLT_METHODS else 'stitched linear-probe accuracy'} (%).", ""]
     pairs = sorted({frozenset(p) for ds in R.datasets for p in R.cross_pairs(ds)}, key=sorted)
     if not pairs:
@@ -235,15 +263,17 @@ def table3(R):
     present = R.stitches()
     if len(present) < 2:
         return out + _note(f"Table 3 skipped: it compares stitch families and the results hold only "
-                           f"{', '.join(present) or 'none'} (configure several under stitch.stitch_layers).")
+                           f"{', '.join(present) or 'none'} (configure several under stitch.stitch_layers, "
+                           "e.g. linear and linear_lstsq to compare the Linear stitch's inits).")
     # the recipe: the preferred method among those run with the most stitch families
     fams = {m: len(R.stitches(method=m, kind="cross")) for m in R.methods()}
     best = max(fams.values())
     m = sorted((x for x in fams if fams[x] == best), key=recipe_rank)[0]
     acc = "TLT task-head accuracy" if m in TLT_METHODS else "stitched linear-probe accuracy"
-    out += [f"Rows: stitch family per ordered pair S → T; columns: stitch layer; {_recipe_note(m, fams)}; "
-            f"accuracy: {acc} (%).", ""]
-    absent = [s for s in STITCH_ORDER if s not in present]
+    out += [f"Rows: stitch family (and its init where one family was trained with several: default = "
+            f"the layer's random init, lstsq = least-squares init from cached features) per ordered pair "
+            f"S → T; columns: stitch layer; {_recipe_note(m, fams)}; accuracy: {acc} (%).", ""]
+    absent = [s for s in STITCH_ORDER if s not in {parse_choice(v)[0] for v in present}]
     if absent:
         out += _note(f"No {' / '.join(absent)} results: {'that row is' if len(absent) == 1 else 'those rows are'} "
                      "left out.")
@@ -251,7 +281,7 @@ def table3(R):
         body, layers = [], R.layers(dataset=ds, kind="cross", method=m)
         for src, tgt in R.cross_pairs(ds):
             for i, st in enumerate(R.stitches(dataset=ds, source=src, target=tgt, method=m)):
-                body.append([_arrow(src, tgt) if i == 0 else "", STITCH_NAMES.get(st, st)]
+                body.append([_arrow(src, tgt) if i == 0 else "", R.name(st, ds)]
                             + [R.cell(ds, src, tgt, st, m, l) for l in layers])
         if len({row[1] for row in body}) < 2:
             out += _note(f"{ds}: skipped, fewer than two stitch families with {METHOD_NAMES.get(m, m)} cross-pair results.")
@@ -285,7 +315,7 @@ def table4(R):
                     for m in ("lfm", "ffm"):
                         body.append([_arrow(src, tgt), label, METHOD_NAMES[m]]
                                     + [R.cell(ds, src, tgt, st, m, l, field) for l in layers])
-            out += [f"### {ds}, {STITCH_NAMES.get(st, st)} stitch", "",
+            out += [f"### {ds}, {R.name(st, ds)} stitch", "",
                     "Base linear probes: " + ", ".join(f"{x} {R.probe_cell(ds, x)}" for x in models) + ".", ""]
             out += _md(["S → T", "metric", "method"] + [f"L{l}" for l in layers], body)
     if len(out) == n:
@@ -313,7 +343,7 @@ def tables5_9(R):
                                     + [R.cell(ds, s_, t_, st, m, l) for l in layers])
                 for model, role in ((src, "S"), (tgt, "T")):
                     body.append(["linear probe", f"{model} ({role})"] + [R.probe_cell(ds, model)] * len(layers))
-                out += [f"### {ds}: {_arrow(src, tgt)}, {STITCH_NAMES.get(st, st)} stitch", ""]
+                out += [f"### {ds}: {_arrow(src, tgt)}, {R.name(st, ds)} stitch", ""]
                 out += _md(["recipe", "model"] + [f"L{l}" for l in layers], body)
     if len(out) == n:
         out += _note("Tables 5–9 skipped: no cross-model (S ≠ T) results.")
@@ -332,6 +362,9 @@ def paper_tables(table, probes=None) -> str:
            f"accuracy (`probe_acc`) for the label-free LFM / FFM. {DASH} = missing. {seeds}".rstrip(), ""]
     if not R.rows:
         return "\n".join(out + _note("No stitching results: every table skipped."))
+    if any(ms != [DEFAULT_METRIC] for ms in R.metrics.values()):
+        out += ["Metric per dataset (\"accuracy\" below means this metric for that dataset's cells): "
+                + ", ".join(f"{ds}: {' / '.join(map(metric_name, R.metrics[ds]))}" for ds in R.datasets) + ".", ""]
     for part in (table1, table2, table3, table4, tables5_9):
         out += part(R)
     if R.used_fallback:

@@ -5,8 +5,12 @@
   dotted (T → T), with hollow markers; horizontal lines for the source and target base linear probes.
 - ``plot_distances``: per (dataset, source → target) two panels, d_l and d_L vs layer, LFM vs FFM,
   log y-axis.
-Panels are the cross pairs of each dataset (its self pairs if it has none). Values are averaged
-over seeds; NaN / missing values (and, on the log axis, non-positive ones) are skipped.
+Panels are the cross pairs of each dataset (its self pairs if it has none): several datasets are
+facets of the same figure (panel titles start with the dataset; the accuracy axis names that
+dataset's metric). Stitch layers are told apart by variant (family + init): one marker each,
+legend "linear (default init) stitch" / "linear (lstsq init) stitch" when both inits are present.
+Values are averaged over seeds; NaN / missing values (and, on the log axis, non-positive ones) are
+skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .tables import method_rank  # noqa: E402
+from .tables import method_rank, metric_of, rows_of, stitch_labels, variant  # noqa: E402
 
 METHOD_NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 METHOD_COLORS = {"lfm": "tab:blue", "ffm": "tab:orange", "tlt": "tab:green", "ffm_tlt": "tab:red"}
@@ -94,22 +98,27 @@ def _layer_axis(ax, layers):
 
 
 def _rows(table):
-    rows = table.to_pylist()
+    """(rows with "stitch" = the variant (family + init), variant -> legend label)."""
+    rows = rows_of(table)
     if not rows:
         raise ValueError("the results table has no rows to plot")
-    return rows
+    labels = stitch_labels(rows)
+    for r in rows:
+        r["stitch"] = variant(r)
+    return rows, labels
 
 
-def _method_handles(methods, stitches, color, marker) -> list:
-    """Legend entries: one colour per method, one marker per stitch layer (when there are several)."""
+def _method_handles(methods, stitches, color, marker, labels) -> list:
+    """Legend entries: one colour per method, one marker per stitch variant (when there are several)."""
     handles = [Line2D([], [], color=color[m], lw=1.8, label=METHOD_NAMES.get(m, m)) for m in methods]
     if len(stitches) > 1:
-        handles += [Line2D([], [], color="0.3", ls="", marker=marker[s], label=f"{s} stitch") for s in stitches]
+        handles += [Line2D([], [], color="0.3", ls="", marker=marker[s], label=f"{labels.get(s, s)} stitch")
+                    for s in stitches]
     return handles
 
 
 def plot_accuracy(table, out_png):
-    rows = _rows(table)
+    rows, labels = _rows(table)
     methods = sorted({r["method"] for r in rows}, key=method_rank)
     stitches = sorted({r["stitch"] for r in rows})
     color, marker = _colors(methods), dict(zip(stitches, STITCH_MARKERS * 4))
@@ -139,9 +148,9 @@ def plot_accuracy(table, out_png):
                 ax.axhline(100 * acc, **PROBE_STYLES[side])
                 used.add("probe_" + side)
         _layer_axis(ax, all_layers)
-        ax.set_ylabel("probe accuracy (%)")
+        ax.set_ylabel(f"probe {metric_of(drows)} (%)")
         ax.set_title(f"{ds}: {src} → {tgt}", fontsize=10)
-    handles = _method_handles(methods, stitches, color, marker)
+    handles = _method_handles(methods, stitches, color, marker, labels)
     handles.append(Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4, label="S → T stitched"))
     if "src" in used:
         handles.append(Line2D([], [], color="0.3", ls=CONTROL_STYLES["src"], marker="o", mfc="white",
@@ -153,12 +162,12 @@ def plot_accuracy(table, out_png):
         handles.append(Line2D([], [], **PROBE_STYLES["src"], label="source linear probe"))
     if "probe_tgt" in used:
         handles.append(Line2D([], [], **PROBE_STYLES["tgt"], label="target linear probe"))
-    fig.suptitle("Stitched linear-probe accuracy by stitch layer", fontsize=11)
+    fig.suptitle(f"Stitched linear-probe {metric_of(rows)} by stitch layer", fontsize=11)
     return _finish(fig, handles, leg, out_png, ncol_leg)
 
 
 def plot_distances(table, out_png):
-    rows = _rows(table)
+    rows, labels = _rows(table)
     present = sorted({r["method"] for r in rows}, key=method_rank)
     methods = [m for m in ("lfm", "ffm") if m in present] or present
     stitches = sorted({r["stitch"] for r in rows})
@@ -183,6 +192,6 @@ def plot_distances(table, out_png):
             _layer_axis(ax, all_layers)
             ax.set_ylabel("MSE per element")
             ax.set_title(f"{ds}: {src} → {tgt} — {name}", fontsize=10)
-    handles = _method_handles(methods, stitches, color, marker)
+    handles = _method_handles(methods, stitches, color, marker, labels)
     fig.suptitle("Feature distances of the stitched model (validation split)", fontsize=11)
     return _finish(fig, handles, leg, out_png, len(handles))

@@ -4,6 +4,13 @@ Layout (see docs/stages/report.md):
 - ``build_table(eval_paths, probe_paths)`` returns one row per evaluation result, columns ``COLUMNS``.
   Each row carries ``src_probe_acc`` / ``tgt_probe_acc``: the base linear probe of the source and
   target model on the same dataset (null when that probe is missing).
+- An eval.json's ``stitch`` is the stitch-layer *choice* (``stitchcache.stitch.choices``, e.g.
+  ``linear_lstsq``); a row splits it into ``stitch`` (the family: linear, mlp, lora) and ``init``
+  (default, lstsq), so one table compares the inits of a family. ``metric``: what the ``*_acc``
+  values measure, the record's ``metric`` field or ``accuracy`` when it has none (a segmentation
+  dataset may report mIoU in the same columns).
+- Results of several datasets share one table (``dataset`` column); every Markdown rendering has a
+  section per dataset.
 - The base linear probes are kept as a *second* table (``load_probes``, columns
   ``PROBE_COLUMNS``), not as extra rows. ``build_table`` also stores them as JSON in the schema
   metadata key ``stitchcache.probes`` so ``table.parquet`` alone is enough to redraw everything;
@@ -12,8 +19,8 @@ Layout (see docs/stages/report.md):
   ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv``,
   ``table.md`` (averages over seeds where a cell has several) and ``paper_tables.md`` (tables
   shaped like the paper's, mean ± std over seeds; see paper.py).
-Rows are sorted by dataset, cross before self, source, target, stitch, method (lfm, ffm, tlt,
-ffm_tlt, then others by name), layer, seed.
+Rows are sorted by dataset, cross before self, source, target, stitch, init (default first), method
+(lfm, ffm, tlt, ffm_tlt, then others by name), layer, seed.
 """
 from __future__ import annotations
 
@@ -26,19 +33,25 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from ..stitch.choices import DEFAULT_INIT, choice_name, parse_choice
+
 METHOD_ORDER = ("lfm", "ffm", "tlt", "ffm_tlt")
 S, I, F = pa.string(), pa.int64(), pa.float64()
 SCHEMA = pa.schema([
-    ("dataset", S), ("source", S), ("target", S), ("layer", I), ("stitch", S), ("method", S),
-    ("kind", S), ("seed", I), ("probe_acc", F), ("head_acc", F), ("d_l", F), ("d_L", F),
+    ("dataset", S), ("source", S), ("target", S), ("layer", I), ("stitch", S), ("init", S), ("method", S),
+    ("kind", S), ("seed", I), ("metric", S), ("probe_acc", F), ("head_acc", F), ("d_l", F), ("d_L", F),
     ("lr", F), ("epochs", I), ("train_seconds", F), ("src_probe_acc", F), ("tgt_probe_acc", F),
 ])
-PROBE_SCHEMA = pa.schema([("dataset", S), ("model", S), ("pool", S), ("probe_acc", F), ("lr", F), ("epochs", I)])
+PROBE_SCHEMA = pa.schema([("dataset", S), ("model", S), ("pool", S), ("metric", S), ("probe_acc", F), ("lr", F),
+                          ("epochs", I)])
 COLUMNS = SCHEMA.names
 PROBE_COLUMNS = PROBE_SCHEMA.names
 EVAL_REQUIRED = ("dataset", "source", "target", "layer", "stitch", "method", "probe_acc", "d_l", "d_L")
 PROBE_REQUIRED = ("dataset", "model", "probe_acc")
 PROBES_KEY = b"stitchcache.probes"
+DEFAULT_METRIC = "accuracy"
+METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU"}   # metric field -> display name (others as given)
+LATER_COLUMNS = ("init", "metric")   # absent from tables written before they existed; filled in on reading
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -86,6 +99,7 @@ def load_probes(probe_paths) -> pa.Table:
     rows, seen = [], {}
     for path in probe_paths:
         r = _coerce(_read_record(path, PROBE_REQUIRED, "probe result"), PROBE_SCHEMA, path)
+        r["metric"] = r["metric"] or DEFAULT_METRIC
         key = (r["dataset"], r["model"])
         if key in seen:
             raise ValueError(f"{path}: second probe for dataset {key[0]!r} model {key[1]!r} (first: {seen[key]})")
@@ -99,10 +113,72 @@ def method_rank(m):
     return (METHOD_ORDER.index(m), "") if m in METHOD_ORDER else (len(METHOD_ORDER), m)
 
 
+def init_rank(i):
+    return (i not in (None, DEFAULT_INIT), i or "")
+
+
 def sort_key(r):
     seed = -1 if r["seed"] is None else r["seed"]
-    return (r["dataset"], r["kind"] != "cross", r["source"], r["target"], r["stitch"],
+    return (r["dataset"], r["kind"] != "cross", r["source"], r["target"], r["stitch"], init_rank(r.get("init")),
             method_rank(r["method"]), r["layer"], seed)
+
+
+def split_stitch(r, path="a row"):
+    """Fill in ``stitch`` (family) and ``init`` of a record whose ``stitch`` may be a choice name
+    (``linear_lstsq``); an explicit ``init`` must agree with the one the name carries."""
+    family, init = parse_choice(r["stitch"])
+    given = r.get("init")
+    if given not in (None, "") and init != DEFAULT_INIT and given != init:
+        raise ValueError(f"{path}: stitch {r['stitch']!r} has init {init!r} but the record says init {given!r}")
+    r["stitch"], r["init"] = family, (init if init != DEFAULT_INIT else (given or DEFAULT_INIT))
+    return r
+
+
+def rows_of(table) -> list[dict]:
+    """The rows of a results table as dicts, sorted, with ``init`` / ``metric`` filled in (tables
+    written before those columns existed read as default init, accuracy)."""
+    rows = []
+    for r in table.to_pylist():
+        r = split_stitch(dict(r))
+        r["metric"] = r.get("metric") or DEFAULT_METRIC
+        rows.append(r)
+    rows.sort(key=sort_key)
+    return rows
+
+
+def variant(r) -> str:
+    """The stitch choice of a row (family + init): ``linear``, ``linear_lstsq``, ..."""
+    return choice_name(r["stitch"], r.get("init"))
+
+
+def stitch_labels(rows, name=lambda family: family) -> dict:
+    """variant -> display label: ``name(family)``, plus `` (<init> init)`` for a non-default init and,
+    when a family appears with several inits, `` (default init)`` for the default one too."""
+    inits = {}
+    for r in rows:
+        inits.setdefault(r["stitch"], set()).add(r.get("init") or DEFAULT_INIT)
+    out = {}
+    for family, fam_inits in inits.items():
+        for init in fam_inits:
+            explicit = init != DEFAULT_INIT or len(fam_inits) > 1
+            out[choice_name(family, init)] = name(family) + (f" ({init} init)" if explicit else "")
+    return out
+
+
+def metric_name(metric) -> str:
+    """Display name of a ``metric`` value: ``miou`` -> ``mIoU``."""
+    metric = metric or DEFAULT_METRIC
+    return METRIC_NAMES.get(metric, metric)
+
+
+def metric_of(rows, probes=()) -> str:
+    """The display name of the metric of a set of rows (``accuracy``; ``a / b`` when they mix several)."""
+    names = sorted({metric_name(r.get("metric")) for r in list(rows) + list(probes)})
+    return " / ".join(names) if names else DEFAULT_METRIC
+
+
+def metric_short(metric):
+    return "acc" if metric == DEFAULT_METRIC else metric
 
 
 def build_table(eval_paths, probe_paths) -> pa.Table:
@@ -111,12 +187,13 @@ def build_table(eval_paths, probe_paths) -> pa.Table:
     acc = {(p["dataset"], p["model"]): p["probe_acc"] for p in probes.to_pylist()}
     rows, seen = [], {}
     for path in eval_paths:
-        r = _coerce(_read_record(path, EVAL_REQUIRED, "evaluation result"), SCHEMA, path)
+        r = split_stitch(_coerce(_read_record(path, EVAL_REQUIRED, "evaluation result"), SCHEMA, path), path)
+        r["metric"] = r["metric"] or DEFAULT_METRIC
         if r["kind"] is None:
             r["kind"] = "self" if r["source"] == r["target"] else "cross"
         r["src_probe_acc"] = acc.get((r["dataset"], r["source"]))
         r["tgt_probe_acc"] = acc.get((r["dataset"], r["target"]))
-        key = tuple(r[k] for k in ("dataset", "source", "target", "layer", "stitch", "method", "seed"))
+        key = tuple(r[k] for k in ("dataset", "source", "target", "layer", "stitch", "init", "method", "seed"))
         if key in seen:
             raise ValueError(f"{path}: duplicates evaluation result {seen[key]} (same {key})")
         seen[key] = path
@@ -129,7 +206,10 @@ def build_table(eval_paths, probe_paths) -> pa.Table:
 def probe_table(table) -> pa.Table:
     """The base probes stored in ``table``'s schema metadata (empty table when absent)."""
     raw = (table.schema.metadata or {}).get(PROBES_KEY)
-    return pa.Table.from_pylist(json.loads(raw) if raw else [], schema=PROBE_SCHEMA)
+    probes = json.loads(raw) if raw else []
+    for p in probes:
+        p["metric"] = p.get("metric") or DEFAULT_METRIC
+    return pa.Table.from_pylist(probes, schema=PROBE_SCHEMA)
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -161,47 +241,52 @@ def pair_label(r):
     return f"{r['source']} → {r['target']}" + (" (self)" if r["kind"] == "self" else "")
 
 
-def _by_layer(rows, layers, fields, fmt):
-    """Markdown rows: one per (pair, stitch, method[, field]), one column per layer, seed-mean."""
+def _by_layer(rows, layers, fields, fmt, labels):
+    """Markdown rows: one per (pair, stitch variant, method[, field]), one column per layer, seed-mean."""
     cells = {}
     for r in rows:  # rows are sorted, so dict insertion order is the row order
         for f in fields:
-            key = (pair_label(r), r["stitch"], r["method"]) + ((f,) if len(fields) > 1 else ())
+            key = (pair_label(r), labels[variant(r)], r["method"]) + ((f,) if len(fields) > 1 else ())
             cells.setdefault(key, {}).setdefault(r["layer"], []).append(r[f])
     return [list(k) + [fmt(_mean(c.get(l, []))) for l in layers] for k, c in cells.items()]
 
 
 def to_markdown(table, probes=None) -> str:
-    rows = [dict(r) for r in table.to_pylist()]
-    rows.sort(key=sort_key)
+    rows = rows_of(table)
     probes = (probe_table(table) if probes is None else probes).to_pylist()
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     out = ["# Stitching results", "",
-           "Accuracies in % (one decimal) on the validation split; d_l, d_L: mean squared error per "
-           f"element (3 significant digits); {DASH} = missing; (self) = self-stitch control."
-           + (f" Cells are means over seeds {seeds}." if len(seeds) > 1 else ""), ""]
+           "Scores (accuracy unless a dataset names another metric) in % (one decimal) on the validation "
+           f"split; d_l, d_L: mean squared error per element (3 significant digits); {DASH} = missing; "
+           "(self) = self-stitch control; stitch: the stitch family and, where it is not the default, "
+           "its init." + (f" Cells are means over seeds {seeds}." if len(seeds) > 1 else ""), ""]
     for ds in sorted({r["dataset"] for r in rows} | {p["dataset"] for p in probes}):
         drows = [r for r in rows if r["dataset"] == ds]
+        dprobes = [p for p in probes if p["dataset"] == ds]
+        metric = metric_of(drows, dprobes)
+        labels = stitch_labels(drows)
         layers = sorted({r["layer"] for r in drows})
         lcols = [f"layer {l}" for l in layers]
         out += [f"## {ds}", "", "### Base linear probes", ""]
-        out += _md(["model", "pool", "probe acc (%)", "lr", "epochs"],
+        out += _md(["model", "pool", f"probe {metric_short(metric)} (%)", "lr", "epochs"],
                    [[p["model"], p["pool"] or DASH, fmt_acc(p["probe_acc"]),
                      DASH if p["lr"] is None else f"{p['lr']:g}", DASH if p["epochs"] is None else p["epochs"]]
-                    for p in probes if p["dataset"] == ds] or [[DASH] * 5])
+                    for p in dprobes] or [[DASH] * 5])
         if not drows:
             continue
-        out += ["### Stitched probe accuracy (%) by layer", ""]
-        out += _md(["source → target", "stitch", "method"] + lcols, _by_layer(drows, layers, ["probe_acc"], fmt_acc))
+        out += [f"### Stitched probe {metric} (%) by layer", ""]
+        out += _md(["source → target", "stitch", "method"] + lcols,
+                   _by_layer(drows, layers, ["probe_acc"], fmt_acc, labels))
         head = [r for r in drows if r["head_acc"] is not None]
         if head:
-            out += ["### Task-head accuracy (%) by layer (TLT variants)", ""]
-            out += _md(["source → target", "stitch", "method"] + lcols, _by_layer(head, layers, ["head_acc"], fmt_acc))
+            out += [f"### Task-head {metric} (%) by layer (TLT variants)", ""]
+            out += _md(["source → target", "stitch", "method"] + lcols,
+                       _by_layer(head, layers, ["head_acc"], fmt_acc, labels))
         dist = [r for r in drows if r["method"] in ("lfm", "ffm")]
         if dist:
             out += ["### Feature distances d_l / d_L by layer (LFM vs FFM)", ""]
             out += _md(["source → target", "stitch", "method", "metric"] + lcols,
-                       _by_layer(dist, layers, ["d_l", "d_L"], fmt_dist))
+                       _by_layer(dist, layers, ["d_l", "d_L"], fmt_dist, labels))
     return "\n".join(out)
 
 

@@ -6,6 +6,10 @@ target prefix slot k is fed source prefix token k if the source has one, else so
 (its CLS), else — a source without prefix tokens — the mean of the source patch tokens. The
 per-token stitch then maps every token D_s -> D_t. See docs/stages/stitch.md.
 
+Stitch choices (``choices.py``): ``linear`` and ``linear_lstsq`` build the same ``LinearStitch``; they
+differ only in the weights training starts from (random vs the least-squares fit, set by the trainer),
+so ``kind`` in a checkpoint's stitch config names the choice and rebuilding ignores the init.
+
 The LoRA stitch (``kind: lora``, ``lora.py``) is a copy of the source's block l+1 and mixes tokens:
 it must see source-shaped tokens, so there the prefix map comes AFTER the stitch layer
 (block -> width projection -> PrefixMap). The projection is per token and affine, so for the
@@ -69,7 +73,11 @@ class MLPStitch(nn.Module):
 
 from .lora import LoRAStitch  # noqa: E402
 
-STITCH_LAYERS = {"linear": LinearStitch, "mlp": MLPStitch, "lora": LoRAStitch}
+from .choices import CHOICES  # noqa: E402
+
+_FAMILIES = {"linear": LinearStitch, "mlp": MLPStitch, "lora": LoRAStitch}
+# every stitch choice (the --stitch / stitch.stitch_layers names) -> its module class
+STITCH_LAYERS = {name: _FAMILIES[family] for name, (family, _) in CHOICES.items()}
 
 
 class Stitch(nn.Module):
@@ -83,11 +91,12 @@ class Stitch(nn.Module):
         kind = config["kind"]
         if kind not in STITCH_LAYERS:
             raise ValueError(f"unknown stitch layer {kind!r} (known: {', '.join(STITCH_LAYERS)})")
+        family = CHOICES[kind][0]
         self.prefix = PrefixMap(config["src_prefix"], config["tgt_prefix"])
-        self.prefix_after = kind == "lora"
-        if kind == "mlp":
+        self.prefix_after = family == "lora"
+        if family == "mlp":
             self.layer = MLPStitch(config["d_in"], config["d_out"], config.get("hidden"))
-        elif kind == "lora":
+        elif family == "lora":
             self.layer = LoRAStitch(config["source"], config["layer"], config["d_in"], config["d_out"],
                                     rank=config.get("rank", 8), alpha=config.get("alpha"), source=source)
         else:
@@ -102,7 +111,7 @@ class Stitch(nn.Module):
 def make_stitch_config(kind: str, src_facts: dict, tgt_facts: dict, **options) -> dict:
     """The stitch config. options: ``hidden`` (mlp); ``layer``, ``rank``, ``alpha`` (lora: the stitch
     point l, LoRA rank, alpha = rank when None); options of other kinds and None values are dropped."""
-    kind_options = {"linear": {"init"}, "mlp": {"hidden"}, "lora": {"layer", "rank", "alpha"}}
+    kind_options = {"linear": {"init"}, "linear_lstsq": set(), "mlp": {"hidden"}, "lora": {"layer", "rank", "alpha"}}
     if kind not in kind_options:
         raise ValueError(f"unknown stitch layer {kind!r} (known: {', '.join(kind_options)})")
     options = {k: v for k, v in options.items() if k in kind_options[kind]}

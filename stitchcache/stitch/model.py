@@ -86,7 +86,9 @@ def build_parts(ckpt: dict, target: Backbone | None = None, source: Backbone | N
     head = None
     if spec.get("head"):
         h = spec["head"]
-        head = Head(h["width"], h["num_classes"], h["num_prefix"], h["pool"])
+        from ..tasks import make_head  # classification Head, or the per-patch SegHead
+
+        head = make_head(h)
         head.load_state_dict(ckpt["head_state"])
     return stitch, head
 

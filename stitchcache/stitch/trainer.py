@@ -2,13 +2,17 @@
 
   lfm      source layer-l tokens -> target layer-l tokens        (no backbone is built at all)
   ffm      source layer-l tokens -> frozen target tail -> target final tokens
-  tlt      source layer-l tokens -> tail -> pooled -> linear head -> labels
+  tlt      source layer-l tokens -> tail -> pooled -> linear head -> labels (segmentation: per-patch
+           linear head -> grid logits -> bilinear upsampling -> per-pixel CE; tasks.py)
   ffm_tlt  tlt, starting from the FFM checkpoint (--init)
 
-Stitch layers: linear / mlp (per token), lora (source block l+1 with LoRA adapters; the source
-backbone is built once, reduced to that block, even for lfm). ``train.linear_init: lstsq`` starts the
-linear stitch (lfm / ffm / tlt, not ffm_tlt, which starts from its FFM checkpoint) from the closed-form
-least-squares fit of target layer-l tokens on source layer-l tokens of the training split.
+Stitch layers (``--stitch``, a choice of ``choices.py``): linear / mlp (per token), lora (source block
+l+1 with LoRA adapters; the source backbone is built once, reduced to that block, even for lfm), and
+linear_lstsq: the linear stitch started (lfm / ffm / tlt; ffm_tlt starts from its FFM checkpoint, which
+is a linear_lstsq run too) from the closed-form least-squares fit of target layer-l tokens on source
+layer-l tokens of the training split. The checkpoint's ``train`` info and the metrics record
+``init`` (the choice's init: default | lstsq) and ``start`` (what this run started from: default |
+lstsq | checkpoint).
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ from torch import nn
 from ..backends import backbone_from_spec
 from ..cache import iter_batches, open_record
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
+from ..tasks import check_same_classes, head_config, make_head, task_info, tlt_loss
 from ..train import FitConfig, fit, mean_over
-from .layers import Stitch, make_stitch_config
+from .choices import parse_choice
+from .layers import PrefixMap, Stitch, make_stitch_config
 from .lora import extract_block
 from .lstsq import lstsq_linear
-from .losses import ffm_loss, lfm_loss, tlt_loss
-from .model import Head, load_checkpoint, save_checkpoint
+from .losses import ffm_loss, lfm_loss
+from .model import load_checkpoint, save_checkpoint
 
 
 def check_aligned(a: dict, b: dict, what: str) -> None:
@@ -62,9 +68,10 @@ def train_stitch(args) -> int:
                                         rank=settings.get("lora_rank"), alpha=settings.get("lora_alpha"))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    linear_init = settings.get("linear_init", "default") or "default"
-    if linear_init not in ("default", "lstsq"):
-        raise SystemExit(f"error: train.linear_init must be default or lstsq, got {linear_init!r}")
+    if "linear_init" in settings:
+        raise SystemExit("error: train.linear_init was removed: the init is part of the stitch layer choice "
+                         "(--stitch linear_lstsq; stitch.stitch_layers: [linear, linear_lstsq] trains both)")
+    family, stitch_init = parse_choice(args.stitch)
     init = None
     if method == "ffm_tlt":
         if not args.init:
@@ -80,22 +87,25 @@ def train_stitch(args) -> int:
     if args.stitch == "lora":  # the stitch's frozen block: built once, only block l+1 kept
         source = extract_block(backbone_from_spec(sf["spec"]), l + 1)
     lstsq_init = None
-    if args.stitch == "linear" and linear_init == "lstsq" and init is None:
+    if stitch_init == "lstsq" and init is None:
         try:
             tgt_l = tt.layer(l)
         except KeyError as e:
-            raise SystemExit(f"error: train.linear_init lstsq needs the target's layer-{l} tokens: {e}")
+            raise SystemExit(f"error: the {args.stitch} stitch needs the target's layer-{l} tokens: {e}")
         t1 = time.time()
-        from .layers import PrefixMap
-
         lstsq_init = lstsq_linear(st.layer(l), tgt_l, PrefixMap(sf["num_prefix_tokens"], tf["num_prefix_tokens"]),
                                   batch_size=int(settings.get("lfm_batch_size", 256)))
         log(f"{args.stitch} stitch @{l}: least-squares init from {st_rec['num_images']} training images "
             f"({time.time() - t1:.1f}s)")
     head_cfg = None
     if method in ("tlt", "ffm_tlt"):
-        head_cfg = {"width": tf["width"], "num_classes": int(st_rec.get("num_classes") or _num_classes(st)),
-                    "num_prefix": tf["num_prefix_tokens"], "pool": settings.get("pool", "mean")}
+        info = task_info({**st.attrs, "num_classes": st_rec.get("num_classes") or _num_classes(st)})
+        try:
+            check_same_classes(st.attrs, sv.attrs, f"{method} on {st_rec['dataset']}")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        # classification: linear head on pooled tokens; segmentation: per-patch linear head (tasks.py)
+        head_cfg = head_config(info, tf, pool=settings.get("pool", "mean"))
 
     def build():
         m = nn.ModuleDict({"stitch": Stitch(stitch_cfg, source=source)})
@@ -106,7 +116,7 @@ def train_stitch(args) -> int:
                 m["stitch"].layer.proj.weight.copy_(lstsq_init[0])
                 m["stitch"].layer.proj.bias.copy_(lstsq_init[1])
         if head_cfg:
-            m["head"] = Head(**head_cfg)
+            m["head"] = make_head(head_cfg)
         return m
 
     def tail(m, h):
@@ -120,7 +130,7 @@ def train_stitch(args) -> int:
         loss_fn = lambda m, b: ffm_loss(lambda h: tail(m, h), b[0], b[1])
     else:
         train_arrays, val_arrays = [st.layer(l), st.labels], [sv.layer(l), sv.labels]
-        loss_fn = lambda m, b: tlt_loss(lambda h: tail(m, h), m["head"], b[0], b[1])
+        loss_fn = lambda m, b: tlt_loss(lambda h: tail(m, h), m["head"], b[0], b[1])  # CE or per-pixel CE
 
     bs = int(settings.get("lfm_batch_size", 256) if method == "lfm" else settings.get("batch_size", 128))
     cfg = FitConfig.from_settings({**settings, "seed": seed})
@@ -144,9 +154,10 @@ def train_stitch(args) -> int:
             "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
     info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
-            "init": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default")}
+            "init": stitch_init,
+            "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default")}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
-    write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch,
+    write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch, "family": family,
                               "source": st_rec["model"], "target": tt_rec["model"], "history": res.history})
     partial.unlink(missing_ok=True)
     log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs}, val loss {res.val_loss:.4g} ({seconds:.1f}s)")
