@@ -23,6 +23,8 @@ from .backends import create_backbone, weights_digest
 from .cache import FeatureStore, StoreWriter, content_key, feature_key_parts
 from .cache.quant import Quantized, quantize_torch
 from .data import open_split
+from .data.base import SEGMENTATION
+from .data.segmentation import mask_transform
 from .runtime import json_arg, log, pick_device, set_threads, write_json
 
 
@@ -109,7 +111,8 @@ class _UnitBuffer:
     the final tokens (int8 + float32 scales for int8 stores), labels. Pinned on CUDA so the
     device->host copies are asynchronous (non_blocking); plain memory on CPU."""
 
-    def __init__(self, size: int, keys: list, num_tokens: int, width: int, dtype: str, pin: bool):
+    def __init__(self, size: int, keys: list, num_tokens: int, width: int, dtype: str, pin: bool,
+                 label_shape: tuple = (), label_dtype=np.int64):
         self.dtype, self.quant = dtype, dtype == "int8"
 
         def empty(shape, dt):
@@ -117,7 +120,7 @@ class _UnitBuffer:
 
         self.tokens = {k: empty((size, num_tokens, width), _TORCH_DTYPES[dtype]) for k in keys}
         self.scales = {k: empty((size, num_tokens), torch.float32) for k in keys} if self.quant else {}
-        self.labels = np.empty(size, np.int64)
+        self.labels = np.empty((size, *label_shape), label_dtype)  # class indices, or (H, W) masks
         self.unit, self.n, self.filled, self.event = None, 0, 0, None
 
     def reset(self, unit: int, n: int) -> "_UnitBuffer":
@@ -163,20 +166,22 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
                               manifest_digest=data.digest(), layers=layers, dtype=dtype)
     key = content_key(parts)
     path = store_path_for(cache_root, key)
+    task = _task_attrs(data)
     record = {"store": str(path), "key": key, "model": model_spec.get("name"), "dataset": dataset_spec.get("name"),
               "split": split, "num_images": len(data), "layers": layers, "facts": facts,
-              "num_classes": data.num_classes}
+              "num_classes": data.num_classes, **task}
     if FeatureStore.is_complete(path):
         log(f"cache hit: {model_spec.get('name')} on {dataset_spec.get('name')}/{split} -> {path}")
         return record
 
     attrs = {"key": key, "key_parts": parts, "model_name": model_spec.get("name"), "model": facts,
              "dataset": {"name": dataset_spec.get("name"), "split": split, "manifest": data.digest(), "num_images": len(data)},
-             "num_classes": data.num_classes, "versions": _versions(),
+             "num_classes": data.num_classes, **task, "versions": _versions(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with StoreWriter(path, num_images=len(data), layers=layers, num_tokens=bb.num_tokens, width=bb.width,
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
-                     compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size")) as writer:
+                     compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size"),
+                     **_label_layout(data, bb)) as writer:
         pending = writer.pending_units()
         if len(pending) < writer.num_units:
             unit = "shards" if writer.shard_size else "chunks"
@@ -192,15 +197,18 @@ def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], d
         return
     indices = [i for u in pending for i in range(*writer.unit_range(u))]
     on_cuda = device.type == "cuda"
+    seg = getattr(data, "task", None) == SEGMENTATION  # masks get the image's resize / crop (nearest)
     loader = torch.utils.data.DataLoader(
-        data.torch(bb.preprocess.transform()), batch_size=int(settings.get("batch_size", 256)),
+        data.torch(bb.preprocess.transform(), mask_transform(bb.preprocess) if seg else None),
+        batch_size=int(settings.get("batch_size", 256)),
         sampler=indices, num_workers=int(settings.get("num_workers", 2)),
         pin_memory=on_cuda, persistent_workers=False)
     dtype = writer.dtype
     capture = sorted(set(layers) | {bb.depth})
     keys = list(layers) + ["final"]
     bg = _Writer(writer, pool=2 if writer.shard_size else 3,
-                 make_buffer=lambda: _UnitBuffer(writer.unit_size, keys, bb.num_tokens, bb.width, dtype, pin=on_cuda))
+                 make_buffer=lambda: _UnitBuffer(writer.unit_size, keys, bb.num_tokens, bb.width, dtype, pin=on_cuda,
+                                                 **_label_layout(data, bb)))
     bg.start()
     units = iter(pending)
 
@@ -223,7 +231,7 @@ def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], d
                 hs = bb.forward_layers(pixels.to(device, non_blocking=True), capture)
                 outs = {l: hs[l] for l in layers}
                 outs["final"] = bb.final_norm(hs[bb.depth])
-                lab = labels.numpy().astype(np.int64, copy=False)
+                lab = labels.numpy() if seg else labels.numpy().astype(np.int64, copy=False)
                 pos = 0
                 while pos < len(lab):
                     take = min(len(lab) - pos, buf.remaining)
@@ -247,6 +255,23 @@ def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], d
     bg.join_checked()
     if buf is not None:
         raise RuntimeError(f"extract: unit {buf.unit} got {buf.filled} of {buf.n} images (data loader ended early)")
+
+
+def _task_attrs(data) -> dict:
+    """What the labels are: task, ignore index and (where the dataset has them) class names."""
+    out = {"task": getattr(data, "task", "classification")}
+    if out["task"] == SEGMENTATION:
+        out["ignore_index"] = int(data.ignore_index)
+    if getattr(data, "classes", None):
+        out["classes"] = list(data.classes)
+    return out
+
+
+def _label_layout(data, bb) -> dict:
+    """Classification: (N,) int64. Segmentation: (N, H, W) uint8 masks at the model's input size."""
+    if getattr(data, "task", None) == SEGMENTATION:
+        return {"label_shape": tuple(bb.preprocess.size), "label_dtype": np.uint8}
+    return {"label_shape": (), "label_dtype": np.int64}
 
 
 def _versions() -> dict:

@@ -28,8 +28,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # jobs of one tiny run: 2 models (both pretrained), splits train+val, pairs sup->ssl, ssl->sup plus
 # 2 self-stitches = 4 pairs, layers [1, 2], one stitch layer, 4 methods
-TINY_JOBS = {"pretrain": 2, "extract": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
-DEFAULT_JOBS = {"pretrain": 2, "extract": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1}
+TINY_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -183,7 +183,7 @@ def test_snakemake_validate_fills_defaults():
     cfg = {
         "datasets": {"d": {"type": "fashion_mnist", "splits": {"train": {"source": "train"}, "val": {"source": "test"}}}},
         "models": {"m": {"backbone": "timm:vit_small_patch16_224"}},
-        "stitch": {"dataset": "d", "pairs": [["m", "m"]]},
+        "stitch": {"datasets": ["d"], "pairs": [["m", "m"]]},
     }
     validate(cfg, str(SCHEMA))
     assert cfg["device"] == "auto" and cfg["seed"] == 0 and cfg["cache_root"] == "cache"
@@ -240,7 +240,8 @@ def test_snakemake_stops_on_misspelt_key(tmp_path):
     (lambda c: c["stitch"].__setitem__("pairs", [["sup", "dino"]]), "stitch.pairs[0][1]: unknown model 'dino'"),
     (lambda c: c["stitch"].__setitem__("layers", [1, 3]), "stitch.layers[1]: layer 3 is outside 1..2"),
     (lambda c: c["datasets"]["fmnist"]["splits"].pop("val"), "needs a split named 'val'"),
-    (lambda c: c["stitch"].__setitem__("dataset", "cifar"), "stitch.dataset: unknown dataset 'cifar'"),
+    (lambda c: c["stitch"].__setitem__("datasets", ["fmnist", "cifar"]), "stitch.datasets[1]: unknown dataset 'cifar'"),
+    (lambda c: c["models"]["ssl"].__setitem__("backbone", "dinov9-l14"), "models.ssl.backbone: 'dinov9-l14' is neither"),
     (lambda c: c["models"]["sup"]["pretrain"].__setitem__("split", "nope"), "models.sup.pretrain.split"),
     (lambda c: c["models"]["sup"].__setitem__("checkpoint", "w.pt"), "models.sup.checkpoint"),
     (lambda c: c["extract"].__setitem__("layers", [0, 1, 3]), "extract.layers: stitch layers [2]"),
@@ -284,7 +285,7 @@ def test_models_without_pretrain_and_without_self_stitch(tmp_path):
     wd = make_workdir(tmp_path, cfg)
     stats = job_stats(snakemake(wd, "-n"))
     # ffm_tlt pulls in its ffm init (trained but not evaluated)
-    assert stats == {"pretrain": 1, "extract": 4, "probe": 2, "train": 6, "evaluate": 4,
+    assert stats == {"pretrain": 1, "extract_pretrained": 2, "extract": 2, "probe": 2, "train": 6, "evaluate": 4,
                      "table": 1, "plot": 1, "all": 1}
 
 
@@ -297,7 +298,7 @@ def test_resources_and_gpu_declarations(tmp_path, device, gpu):
     proc = snakemake(wd, "-n")
     text = proc.stdout
     seen = {}
-    for block in re.split(r"(?m)^(?:local)?rule ", text)[1:]:
+    for block in re.split(r"(?m)^\s*(?:local)?rule ", text)[1:]:
         rule = block.split(":", 1)[0]
         r = re.search(r"resources: (.*)", block)
         if rule == "all":
@@ -308,8 +309,37 @@ def test_resources_and_gpu_declarations(tmp_path, device, gpu):
             method = re.search(r"wildcards: .*method=(\w+)", block).group(1)
             rule = "train_lfm" if method == "lfm" else "train_tail"
         seen.setdefault(rule, set()).add(res.get("gpu", "0"))
-    assert seen == {"pretrain": {gpu}, "extract": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
+    assert seen == {"pretrain": {gpu}, "extract_pretrained": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
                     "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"}}
+
+
+def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
+    """lfm training and probes carry group `small` (bundled on a cluster with --group-components);
+    jobs that run a backbone are never grouped."""
+    wd = make_workdir(tmp_path)
+    text = snakemake(wd, "-n").stdout
+    grouped, alone = set(), set()
+    group = None
+    for line in text.splitlines():
+        if re.search(r"Group job (\w+)", line):
+            group = re.search(r"Group job (\w+)", line).group(1)
+            continue
+        m = re.match(r"^(\s*)(?:local)?rule (\w+):", line)
+        if m:
+            indented, rule = bool(m.group(1)), m.group(2)
+            current = (group if indented else None), rule
+            if not indented:
+                group = None
+        m = re.match(r"^\s*wildcards: .*method=(\w+)", line)
+        if m and current[1] == "train":
+            current = current[0], f"train_{m.group(1)}"
+        if line.strip().startswith("resources:"):
+            (grouped if current[0] == "small" else alone).add(current[1])
+    assert grouped == {"train_lfm", "probe"}
+    assert alone == {"pretrain", "extract_pretrained", "train_ffm", "train_tlt", "train_ffm_tlt", "evaluate",
+                     "table", "plot", "all"}
+    prof = load_yaml(REPO / "workflow" / "profiles" / "slurm" / "config.yaml")
+    assert prof["group-components"] == ["small=16"]
 
 
 # --------------------------------------------------------------- (c) rerun after a config change
@@ -349,12 +379,12 @@ def test_params_only_reruns(tmp_path, fake_cli):
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
     # one model's pretrain settings: that model and everything that touches it
     stats = plan(lambda c: c["models"]["ssl"]["pretrain"].update(epochs=2))
-    assert stats["pretrain"] == 1 and stats["extract"] == 2 and stats["train"] == 24  # all but sup->sup
+    assert stats["pretrain"] == 1 and stats["extract_pretrained"] == 2 and stats["train"] == 24  # all but sup->sup
     # the unused pretrain split is not part of the val/train extract jobs' params
     stats = plan(lambda c: c["datasets"]["fmnist"]["splits"]["pretrain"].update(count=128))
     assert stats["pretrain"] == 2
     stats = plan(lambda c: c["datasets"]["fmnist"]["splits"]["val"].update(count=64))
-    assert stats["extract"] == 2 and "pretrain" not in stats
+    assert stats["extract_pretrained"] == 2 and "pretrain" not in stats
 
     # a smaller grid: the existing stitches stay valid, only the table and plots are redone
     assert plan(lambda c: c["stitch"].update(layers=[1], methods=["lfm", "ffm"])) == {

@@ -6,9 +6,19 @@ Rules only reference the functions defined here; no logic lives in the rule file
 import json
 import os
 import shutil
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from stitchcache.backends.registry import is_registered, list_models
+from stitchcache.inputs import (
+    concrete_model_spec,
+    missing_inputs,
+    missing_report,
+    request_key,
+    weights_hint,
+)
 
 
 ##### validation #####
@@ -28,7 +38,7 @@ wildcard_constraints:
     tgt=NAME,
     split=NAME,
     layer="[0-9]+",
-    stitch="mlp|linear|lora",
+    stitch="mlp|linear_lstsq|linear|lora",
     method="lfm|ffm|tlt|ffm_tlt",
 
 
@@ -39,17 +49,25 @@ def _config_error(key, message):
 def _check_config(cfg):
     """Checks the schema cannot express; each error names the offending key."""
     datasets, models, st = cfg["datasets"], cfg["models"], cfg["stitch"]
-    if st["dataset"] not in datasets:
-        _config_error(
-            "stitch.dataset",
-            f"unknown dataset {st['dataset']!r} (datasets: {', '.join(datasets)})",
-        )
-    splits = datasets[st["dataset"]]["splits"]
-    for split in STITCH_SPLITS:
-        if split not in splits:
+    for i, name in enumerate(st["datasets"]):
+        if name not in datasets:
             _config_error(
-                f"datasets.{st['dataset']}.splits",
-                f"the stitch dataset needs a split named {split!r} (has: {', '.join(splits)})",
+                f"stitch.datasets[{i}]",
+                f"unknown dataset {name!r} (datasets: {', '.join(datasets)})",
+            )
+        splits = datasets[name]["splits"]
+        for split in STITCH_SPLITS:
+            if split not in splits:
+                _config_error(
+                    f"datasets.{name}.splits",
+                    f"the stitch dataset needs a split named {split!r} (has: {', '.join(splits)})",
+                )
+    for name, m in models.items():
+        if ":" not in m["backbone"] and not is_registered(m["backbone"]):
+            _config_error(
+                f"models.{name}.backbone",
+                f"{m['backbone']!r} is neither 'library:architecture' nor a registry model "
+                f"(registry: {', '.join(list_models())})",
             )
     for i, pair in enumerate(st["pairs"]):
         for j, name in enumerate(pair):
@@ -118,8 +136,8 @@ def stitch_pairs():
     return list(dict.fromkeys(pairs))  # de-duplicate, keep order
 
 
-def stitch_dataset():
-    return config["stitch"]["dataset"]
+def stitch_datasets():
+    return config["stitch"]["datasets"]
 
 
 ##### paths #####
@@ -134,21 +152,75 @@ def output_dir(wildcards, output):
     return os.path.dirname(output[0])
 
 
-def model_checkpoint(name):
-    """The weights a model runs with: the pretrain output, a configured file, or None (random init)."""
-    m = config["models"][name]
-    if "pretrain" in m:
-        return f"results/models/{name}.pt"
-    return m.get("checkpoint")
+##### models and feature records #####
+
+
+def model_spec(name):
+    """A model's concrete spec {name, backbone, kwargs, checkpoint}: registry names resolved to
+    their weights under weights_root, the pretrain output as checkpoint for pretrained models."""
+    if name not in _MODEL_SPECS:
+        m = config["models"][name]
+        ckpt = f"results/models/{name}.pt" if "pretrain" in m else None
+        _MODEL_SPECS[name] = concrete_model_spec(name, m, weights_root=config["weights_root"], checkpoint=ckpt)
+    return _MODEL_SPECS[name]
+
+
+_MODEL_SPECS = {}
+
+
+def dataset_entry(name):
+    return {**config["datasets"][name], "name": name}
+
+
+def records_root():
+    return f"{cache_root()}/records"
+
+
+def record_pattern():
+    """extract: where records of fixed-weight models go (in the cache root, by request key)."""
+    return os.path.join(records_root(), "{dataset}", "{model}", "{split}-{request}.json")
+
+
+def cache_root_of_record(wildcards, output):
+    """extract: the cache root holding output.record (<root>/records/<dataset>/<model>/<file>)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(output.record))))
+
+
+def feature_record(dataset, model, split):
+    """The record (small JSON) of one feature store.
+
+    Models with fixed weights (a file, registry weights, random init): in the shared cache root
+    under a request key over weights digest, data manifest, layers, dtype and library versions,
+    so another experiment pointing at the same cache root finds it and schedules no extraction.
+    Models this workflow pretrains: in results/features (their weights do not exist before the
+    run); their store is still content-keyed and shared, the job just finds it."""
+    if "pretrain" in config["models"][model]:
+        return f"results/features/{dataset}/{model}/{split}.json"
+    if (dataset, model, split) not in _RECORDS:
+        key = request_key(model_spec(model), dataset_entry(dataset), split, config["extract"])
+        _RECORDS[dataset, model, split] = f"{records_root()}/{dataset}/{model}/{split}-{key}.json"
+    return _RECORDS[dataset, model, split]
+
+
+_RECORDS = {}
+
+
+def features(role, split):
+    """Input function: the feature record of the model in wildcard `role` (model, src, tgt)."""
+
+    def record(wildcards):
+        return feature_record(wildcards.dataset, wildcards[role], split)
+
+    record.__name__ = f"features_{role}_{split}"
+    return record
 
 
 ##### input functions #####
 
 
-def checkpoint_input(wildcards):
-    """extract: the model's checkpoint file (so new weights re-extract), if it has one."""
-    ckpt = model_checkpoint(wildcards.model)
-    return [ckpt] if ckpt else []
+def pretrained_checkpoint(wildcards):
+    """extract_pretrained: the workflow's own weights (so new weights re-extract)."""
+    return model_spec(wildcards.model)["checkpoint"]
 
 
 def ffm_init_input(wildcards):
@@ -164,7 +236,8 @@ def init_arg(wildcards, input):
 
 def all_evals():
     return [
-        stitch_path("eval.json", dataset=stitch_dataset(), src=src, tgt=tgt, layer=layer, stitch=stitch, method=method)
+        stitch_path("eval.json", dataset=dataset, src=src, tgt=tgt, layer=layer, stitch=stitch, method=method)
+        for dataset in stitch_datasets()
         for src, tgt in stitch_pairs()
         for layer in config["stitch"]["layers"]
         for stitch in config["stitch"]["stitch_layers"]
@@ -173,7 +246,7 @@ def all_evals():
 
 
 def all_probes():
-    return [f"results/probes/{stitch_dataset()}/{m}.json" for m in stitched_models()]
+    return [f"results/probes/{dataset}/{m}.json" for dataset in stitch_datasets() for m in stitched_models()]
 
 
 def all_targets():
@@ -204,14 +277,7 @@ def _dataset_spec(name, split):
 
 
 def model_spec_param(wildcards):
-    m = config["models"][wildcards.model]
-    spec = {
-        "name": wildcards.model,
-        "backbone": m["backbone"],
-        "kwargs": m["kwargs"],
-        "checkpoint": model_checkpoint(wildcards.model),
-    }
-    return json.dumps(spec, sort_keys=True)
+    return json.dumps(model_spec(wildcards.model), sort_keys=True)
 
 
 def pretrain_model_spec_param(wildcards):
@@ -289,12 +355,66 @@ def train_mem_mb(wildcards):
     return 2000 if wildcards.method == "lfm" else 4000
 
 
+##### job groups (cluster only; local runs ignore groups) #####
+
+# Many CPU jobs of seconds to minutes (lfm training, probes). The SLURM profile bundles them with
+# `group-components: small=<n>`, so a cluster gets one submission per n of them. (table and plot
+# stay out: grouped with the probes they would make Snakemake's readiness check scan their
+# thousands of inputs for every finished job.)
+SMALL_GROUP = "small"
+
+
+def train_group(wildcards):
+    return SMALL_GROUP if wildcards.method == "lfm" else None
+
+
 ##### wildcard constraints #####
 
 
+def _alternatives(names):
+    return "|".join(names) if names else "(?!x)x"  # (?!x)x never matches
+
+
 def pretrain_model_regex():
-    names = pretrained_models()
-    return "|".join(names) if names else "(?!x)x"  # never matches without pretrained models
+    return _alternatives(pretrained_models())
+
+
+def fixed_model_regex():
+    """Models whose weights exist before the run (their records live in the cache root)."""
+    return _alternatives([m for m in config["models"] if m not in pretrained_models()])
+
+
+##### missing weights and data #####
+
+
+def _missing_inputs():
+    """Weights of the stitched models and the datasets they read, where absent."""
+    models = {}
+    for name in stitched_models():
+        spec = model_spec(name)
+        if "pretrain" not in config["models"][name] and spec["checkpoint"] is not None:
+            models[name] = {**spec, "hint": weights_hint(config["models"][name], spec["checkpoint"])}
+    datasets = {name: (dataset_entry(name), list(STITCH_SPLITS)) for name in stitch_datasets()}
+    for name in pretrained_models():
+        pre = config["models"][name]["pretrain"]
+        entry = datasets.setdefault(pre["dataset"], (dataset_entry(pre["dataset"]), []))
+        entry[1].append(pre["split"])
+    return missing_inputs(models, datasets)
+
+
 
 
 _check_config(config)
+
+# Missing weights / data: reported while planning (dry runs too), fatal before a real run starts.
+MISSING = _missing_inputs() if workflow.is_main_process else []
+if MISSING:
+    print(missing_report(MISSING), file=sys.stderr)
+
+
+onstart:
+    if MISSING:
+        raise WorkflowError(
+            f"stopped before any job: {len(MISSING)} input(s) missing (listed above with how to "
+            "provide them; `snakemake -n` lists them without running anything)"
+        )

@@ -4,8 +4,8 @@
 
 rule probe:
     input:
-        train="results/features/{dataset}/{model}/train.json",
-        val="results/features/{dataset}/{model}/val.json",
+        train=features("model", "train"),
+        val=features("model", "val"),
     output:
         probe="results/probes/{dataset}/{model}.json",
     log:
@@ -14,6 +14,8 @@ rule probe:
         settings=probe_settings_param,
     conda:
         "../envs/stitchcache.yaml"
+    group:
+        SMALL_GROUP
     threads: 1
     resources:
         mem_mb=2000,
@@ -26,10 +28,10 @@ rule probe:
 rule evaluate:
     input:
         checkpoint="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/checkpoint.pt",
-        src_train="results/features/{dataset}/{src}/train.json",
-        src_val="results/features/{dataset}/{src}/val.json",
-        tgt_train="results/features/{dataset}/{tgt}/train.json",
-        tgt_val="results/features/{dataset}/{tgt}/val.json",
+        src_train=features("src", "train"),
+        src_val=features("src", "val"),
+        tgt_train=features("tgt", "train"),
+        tgt_val=features("tgt", "val"),
     output:
         evaluation="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/eval.json",
     log:

@@ -5,10 +5,10 @@
 
 rule train:
     input:
-        src_train="results/features/{dataset}/{src}/train.json",
-        src_val="results/features/{dataset}/{src}/val.json",
-        tgt_train="results/features/{dataset}/{tgt}/train.json",
-        tgt_val="results/features/{dataset}/{tgt}/val.json",
+        src_train=features("src", "train"),
+        src_val=features("src", "val"),
+        tgt_train=features("tgt", "train"),
+        tgt_val=features("tgt", "val"),
         init=ffm_init_input,
     output:
         checkpoint="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/checkpoint.pt",
@@ -22,6 +22,8 @@ rule train:
         init=init_arg,
     conda:
         "../envs/stitchcache.yaml"
+    group:
+        train_group
     threads: 1
     resources:
         mem_mb=train_mem_mb,
