@@ -124,6 +124,24 @@ def request_key(model_spec: dict, dataset: dict, split: str, extract: dict) -> s
     return content_key(parts)[:REQUEST_KEY_LENGTH]
 
 
+def drop_if_stale(record: str | Path) -> bool:
+    """Remove a feature record whose store is gone or incomplete (e.g. removed by hand); True if
+    it was removed. Then Snakemake sees the record missing and schedules the extraction again."""
+    from .cache.store import FeatureStore
+
+    p = Path(record)
+    if not p.exists():
+        return False
+    try:
+        store = json.loads(p.read_text())["store"]
+    except (OSError, ValueError, KeyError, TypeError):
+        store = None
+    if store is not None and FeatureStore.is_complete(store):
+        return False
+    p.unlink()
+    return True
+
+
 @dataclass(frozen=True)
 class Missing:
     """One input that is not there: a model's weights or a dataset split's files."""

@@ -357,7 +357,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     for d in ds_names:
         Ntr, Nva = n(d, "train"), n(d, "val")
         agg = {"train_s": {m: 0.0 for m in methods}, "train_bound": {m: {} for m in methods},
-               "eval_s": 0.0, "probe_s": 0.0, "export_bytes": 0, "checkpoint_bytes": 0}
+               "eval_s": 0.0, "probe_s": 0.0, "export_bytes": 0, "checkpoint_bytes": 0, "largest_export": 0}
         for src, tgt in pairs:
             S, T = shapes[src], shapes[tgt]
             bl_s, bl_t, fin_t = S["bytes_per_layer_image"], T["bytes_per_layer_image"], T["bytes_per_layer_image"]
@@ -393,6 +393,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
                             e += Nva * exp_img / cost.read
                         agg["eval_s"] += e
                         agg["export_bytes"] += (Ntr + Nva) * exp_img
+                        agg["largest_export"] = max(agg["largest_export"], (Ntr + Nva) * exp_img)
                         agg["checkpoint_bytes"] += 4 * _stitch_params(family, S, T, mlp_hidden, rank)
         for name in used:  # base-model probes: read the final tokens of train + val
             agg["probe_s"] += (Ntr + Nva) * shapes[name]["bytes_per_layer_image"] / cost.read
@@ -428,6 +429,8 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     return {"rows": rows, "datasets": per_ds, "shapes": shapes, "jobs": jobs, "gpu_hours": gpu,
             "feature_bytes": sum(r["bytes"] for r in rows),
             "export_bytes": sum(a["export_bytes"] for a in per_ds.values()),
+            "keep_exports": bool((cfg.get("evaluate") or {}).get("keep_exports", True)),
+            "largest_export": max((a["largest_export"] for a in per_ds.values()), default=0),
             "checkpoint_bytes": sum(a["checkpoint_bytes"] for a in per_ds.values()),
             "extract_seconds": sum(r["seconds"] for r in rows) if do_measure else None,
             "stitch_jobs": len(ds_names) * n_grid, "device": str(dev) if dev is not None else None,
@@ -508,9 +511,16 @@ def print_plan(p: dict) -> None:
              if "lfm" in methods else ""))
     if g["pretrain"]:
         print(f"pretraining (rough: 3 forwards per image and view): {_h(g['pretrain'], True)} GPU-h")
-    storage = p["feature_bytes"] + p["export_bytes"] + p["checkpoint_bytes"]
-    print(f"\nstorage: {human(storage)}{mark} = feature stores {human(p['feature_bytes'])} + stitched exports "
-          f"{human(p['export_bytes'])} + stitch checkpoints {human(p['checkpoint_bytes'])}")
+    if p.get("keep_exports", True):
+        storage = p["feature_bytes"] + p["export_bytes"] + p["checkpoint_bytes"]
+        print(f"\nstorage: {human(storage)}{mark} = feature stores {human(p['feature_bytes'])} + stitched exports "
+              f"{human(p['export_bytes'])} + stitch checkpoints {human(p['checkpoint_bytes'])}")
+    else:
+        storage = p["feature_bytes"] + p["checkpoint_bytes"]
+        print(f"\nstorage: {human(storage)}{mark} = feature stores {human(p['feature_bytes'])} + stitch checkpoints "
+              f"{human(p['checkpoint_bytes'])}; stitched exports ({human(p['export_bytes'])} in all) are removed "
+              f"by each evaluate job (evaluate.keep_exports: false): at most {human(p['largest_export'])} per "
+              "running job")
     print(f"GPU time: {_h(g['total'], True)} GPU-h{mark} in all, an upper bound (training at max_epochs)")
     jobs = p["jobs"]
     print("jobs per rule: " + ", ".join(f"{k} {v}" for k, v in jobs.items() if v)

@@ -67,9 +67,25 @@ def test_second_experiment_schedules_no_extraction(tmp_path):
     ev = json.loads(next((second / "results" / "stitch").rglob("eval.json")).read_text())
     assert ev["layer"] in (1, 2)
 
+    # gc keeps what either experiment uses (train.json names the four stores a stitch read)
+    from stitchcache.cli import main as cli
+    assert cli(["cache", "gc", "--root", str(shared), "--keep-referenced-by", str(first), str(second), "--yes"]) == 0
+    assert sorted((shared / "records").rglob("*.json")) == records
+    assert all(json.loads(r.read_text())["store"] for r in records)
+
+    # a store removed behind the workflow's back: its record is dropped, and a job that needs it
+    # (here: ffm, newly asked for) gets the extraction planned again
+    import shutil
+    victim = next(r for r in records if "/b/val-" in str(r))
+    shutil.rmtree(json.loads(victim.read_text())["store"])
+    write_config(second, experiment(shared, ckpt, layers=[1, 2], methods=["lfm", "ffm"]))
+    proc = snakemake(second, "-n")
+    assert job_stats(proc)["extract"] == 1 and not victim.exists()
+    assert "named a missing or incomplete store" in proc.stderr
+
     # new weights under the same path: a new key for model a only, re-extracted; b is still reused
     write_checkpoint(ckpt, seed=2)
     proc = snakemake(second, "-n", "-p")
-    assert job_stats(proc)["extract"] == 2
+    assert job_stats(proc)["extract"] == 3  # a: train + val; b: the removed val store
     outputs = [l for l in proc.stdout.splitlines() if l.strip().startswith("output:") and "/records/" in l]
-    assert len(outputs) == 2 and all("/records/fmnist/a/" in l for l in outputs), outputs
+    assert sum("/records/fmnist/a/" in l for l in outputs) == 2 and len(outputs) == 3, outputs

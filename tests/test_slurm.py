@@ -5,6 +5,10 @@ slurm-wlm + munge when missing and starts munged, slurmctld and slurmd; see test
 
     STITCHCACHE_TEST_SLURM=1 python -m pytest tests/test_slurm.py
 
+.ci/run sets the variable. Without it the cluster tests skip; with it, a cluster test that cannot
+run here (not root, no apt-get, no executor plugin, no Fashion-MNIST) fails, so CI cannot pass
+without running them.
+
 The node has two fake GPUs (GRES on mknod devices). The experiment is tests/data/tiny.yaml shrunk
 to one pair, one layer, methods lfm + ffm and no pretraining (12 SLURM jobs), with `gpu_jobs: true`
 (backbone rules declare gpu=1, so they are submitted with --gpus=1) and `device: cpu` (the jobs
@@ -41,14 +45,22 @@ GPU_JOBS = {"rule_extract_wildcards_fmnist_sup_train", "rule_extract_wildcards_f
 
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-executor-plugin-slurm (pip install -e '.[slurm]')")
+OPTED_IN = os.environ.get("STITCHCACHE_TEST_SLURM") == "1"
 needs_cluster = [
     pytest.mark.slurm,
-    pytest.mark.skipif(os.environ.get("STITCHCACHE_TEST_SLURM") != "1",
-                       reason="opt-in: set STITCHCACHE_TEST_SLURM=1 (starts a real SLURM cluster as root)"),
-    pytest.mark.skipif(available() is not None, reason=f"cannot start SLURM here: {available()}"),
-    needs_plugin,
-    pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist"),
+    pytest.mark.skipif(not OPTED_IN, reason="opt-in: set STITCHCACHE_TEST_SLURM=1 (starts a real SLURM cluster as root)"),
 ]
+
+
+def cannot_run() -> str | None:
+    """Why the cluster tests cannot run here (None: they can)."""
+    if available() is not None:
+        return f"cannot start SLURM here: {available()}"
+    if not HAS_PLUGIN:
+        return "snakemake-executor-plugin-slurm is not installed (pip install -e '.[test,slurm]')"
+    if not FMNIST.is_dir():
+        return "needs Debian's dataset-fashion-mnist"
+    return None
 
 
 def cluster_test(f):
@@ -69,8 +81,11 @@ def slurm_config() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if os.environ.get("STITCHCACHE_TEST_SLURM") != "1":  # never start daemons unasked
+    if not OPTED_IN:  # never start daemons unasked
         pytest.skip("opt-in: set STITCHCACHE_TEST_SLURM=1")
+    why = cannot_run()
+    if why:  # asked for explicitly (CI): not running it is a failure, not a skip
+        pytest.fail(f"STITCHCACHE_TEST_SLURM=1, but {why}", pytrace=False)
     partition = yaml.safe_load(PROFILE.read_text())["default-resources"]["slurm_partition"]
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"), partition=partition, gpus=2)
     try:

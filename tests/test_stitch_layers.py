@@ -8,6 +8,7 @@ exact affine map; the linear_lstsq stitch choice starts from the least-squares m
 (a better start than the default init), chains into ffm_tlt and reloads.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,23 @@ def test_linear_lstsq_chain_and_reload(stores, tmp_path):
     assert (row["stitch"], row["init"], row["method"]) == ("linear", "lstsq", "ffm")
     with pytest.raises(SystemExit, match="linear_init was removed"):
         _train(stores, tmp_path, "lfm", "linear", "d", "t", settings={"linear_init": "lstsq"})
+
+
+def test_evaluate_can_drop_its_exports(stores, tmp_path):
+    """evaluate.keep_exports: false measures the same numbers and leaves no stitched store behind."""
+    ckpt, _ = _train(stores, tmp_path, "lfm", "linear", "d", "t", settings={"max_epochs": 1})
+    out = {}
+    for keep in (True, False):
+        ev = tmp_path / f"eval-{keep}.json"
+        settings = {"probe": {"max_epochs": 1, "lr_grid": [0.01]}, "keep_exports": keep}
+        assert cli(["evaluate", "--checkpoint", str(ckpt), "--src-train", stores["d", "train"],
+                    "--src-val", stores["d", "val"], "--tgt-train", stores["t", "train"], "--tgt-val", stores["t", "val"],
+                    "--cache-root", str(tmp_path / f"cache-{keep}"), "--settings", json.dumps(settings),
+                    "--out", str(ev)]) == 0
+        out[keep] = json.loads(ev.read_text())
+    kept = [out[True]["exported_train"], out[True]["exported_val"]]
+    assert all(Path(p).is_dir() for p in kept)
+    assert out[False]["exported_train"] is None and out[False]["exported_val"] is None
+    assert not any((tmp_path / "cache-False" / "stitched").iterdir())
+    for k in ("probe_acc", "d_l", "d_L"):
+        assert out[False][k] == pytest.approx(out[True][k], rel=1e-6, abs=1e-9)

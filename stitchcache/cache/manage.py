@@ -156,10 +156,31 @@ def referenced_stores(workflow_dirs: list[str]) -> set[str]:
                 data = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
+            if not isinstance(data, dict):
+                continue
             for key in ("store", "exported_train", "exported_val"):
-                if isinstance(data, dict) and isinstance(data.get(key), str):
+                if isinstance(data.get(key), str):
                     refs.add(str(Path(data[key]).resolve()))
+            for p in data.get("feature_stores") or []:  # train.json: the four stores a stitch read
+                refs.add(str(Path(p).resolve()))
     return refs
+
+
+def stale_records(root) -> list[Path]:
+    """Records under <root>/records whose store is gone or incomplete (removed by gc, or never
+    finished): the workflow would otherwise take them for done extraction jobs."""
+    from .store import FeatureStore
+
+    out = []
+    for f in sorted(Path(root).glob("records/**/*.json")):
+        try:
+            store = json.loads(f.read_text())["store"]
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append(f)
+            continue
+        if not FeatureStore.is_complete(store):
+            out.append(f)
+    return out
 
 
 def _locked(path: Path) -> bool:
@@ -188,6 +209,9 @@ def cmd_gc(args) -> int:
         if args.yes:
             shutil.rmtree(s["path"])
             Path(s["path"] + ".lock").unlink(missing_ok=True)
+    if args.yes:
+        for f in stale_records(args.root):  # records of the stores just removed
+            f.unlink()
     print(f"{'freed' if args.yes else 'would free'} {human(freed)} in {len(doomed)} stores; "
           f"{len(refs)} referenced stores kept" + ("" if args.yes else " (dry run: add --yes to delete)"))
     return 0

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def evaluate(args) -> dict:
     if info["task"] == SEGMENTATION:
         result.update(probe_miou=probe["probe_miou"], probe_pixel_acc=probe["probe_pixel_acc"],
                       head_miou=hm["miou"] if hm else None, head_pixel_acc=hm["pixel_acc"] if hm else None)
+    if not settings.get("keep_exports", True):
+        # at the paper's size the exports outweigh the feature stores ~15x: drop them once measured
+        for path in {store.path for store in exported.values()}:  # train and val may share one store
+            shutil.rmtree(path)
+            Path(str(path) + ".lock").unlink(missing_ok=True)  # the writer's lock file
+        result.update(exported_train=None, exported_val=None)
+        log("removed the stitched exports (evaluate.keep_exports: false)")
     return result
 
 
@@ -134,7 +142,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
         p.add_argument(f"--{name}", required=True, help="feature record JSON")
     p.add_argument("--cache-root", required=True)
-    p.add_argument("--settings", default="{}", help="JSON: {probe: {...}, seed, device}")
+    p.add_argument("--settings", default="{}", help="JSON: {probe: {...}, keep_exports, seed, device}")
     p.add_argument("--out", required=True)
 
 

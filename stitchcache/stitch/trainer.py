@@ -158,7 +158,8 @@ def train_stitch(args) -> int:
             "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default")}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
     write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch, "family": family,
-                              "source": st_rec["model"], "target": tt_rec["model"], "history": res.history})
+                              "source": st_rec["model"], "target": tt_rec["model"], "history": res.history,
+                              "feature_stores": [str(s.path) for s in (st, sv, tt, tv)]})
     partial.unlink(missing_ok=True)
     log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs}, val loss {res.val_loss:.4g} ({seconds:.1f}s)")
     return 0

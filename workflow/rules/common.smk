@@ -14,6 +14,7 @@ from snakemake.utils import validate
 from stitchcache.backends.registry import is_registered, list_models
 from stitchcache.inputs import (
     concrete_model_spec,
+    drop_if_stale,
     missing_inputs,
     missing_report,
     request_key,
@@ -198,7 +199,11 @@ def feature_record(dataset, model, split):
         return f"results/features/{dataset}/{model}/{split}.json"
     if (dataset, model, split) not in _RECORDS:
         key = request_key(model_spec(model), dataset_entry(dataset), split, config["extract"])
-        _RECORDS[dataset, model, split] = f"{records_root()}/{dataset}/{model}/{split}-{key}.json"
+        record = f"{records_root()}/{dataset}/{model}/{split}-{key}.json"
+        if drop_if_stale(record):
+            print(f"stitchcache: {record} named a missing or incomplete store; removed it, so "
+                  "the extraction runs again", file=sys.stderr)
+        _RECORDS[dataset, model, split] = record
     return _RECORDS[dataset, model, split]
 
 
@@ -312,7 +317,8 @@ def train_settings_param(wildcards):
 
 
 def evaluate_settings_param(wildcards):
-    return json.dumps({"probe": config["probe"], "seed": config["seed"], "device": config["device"]}, sort_keys=True)
+    return json.dumps({"probe": config["probe"], "keep_exports": config["evaluate"]["keep_exports"],
+                       "seed": config["seed"], "device": config["device"]}, sort_keys=True)
 
 
 def cache_root():
