@@ -80,7 +80,12 @@ def test_provided_data_disappears_from_the_report(paper_wd):
     cfg["stitch"].update(datasets=["ade20k"], pairs=[["dinov2", "clip"]], layers=[2])
     write_config(wd, cfg)
     before = snakemake(wd, "-n", timeout=300)
-    write_ade20k(wd / "data" / "ADEChallengeData2016")
+    write_ade20k(wd / "data" / "ADEChallengeData2016")  # 16 + 8 images, fewer than the config's count:
+    after = snakemake(wd, "-n", timeout=300)
+    assert "data    ade20k/train: ade20k split 'train': start=0, count=20210 lies outside its 16 images" in after.stderr
+    for split in ("train", "val"):
+        cfg["datasets"]["ade20k"]["splits"][split]["count"] = None
+    write_config(wd, cfg)
     after = snakemake(wd, "-n", timeout=300)
     assert "data    ade20k/train:" in before.stderr and "data    ade20k/train:" not in after.stderr
     assert "weights dinov2:" in after.stderr  # still no weights
