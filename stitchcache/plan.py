@@ -273,7 +273,6 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     st = cfg["stitch"]
     ex = cfg.get("extract") or {}
     tr = cfg.get("train") or {}
-    pr = cfg.get("probe") or {}
     ds_names = stitch_datasets(st)
     used = [m for m in cfg["models"] if any(m in p for p in st["pairs"])]
     dtype = ex.get("dtype", "float16")

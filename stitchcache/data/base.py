@@ -2,12 +2,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
 IGNORE_INDEX = 255  # segmentation: pixels with this label count in no loss and no metric
+
+
+def file_size(path, missing: str) -> int:
+    """Size in bytes of a listed image (part of a manifest); a missing file raises with `missing`."""
+    try:
+        return Path(path).stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(missing) from None
 
 
 class Split:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Split, load_image, slice_items
+from .base import Split, file_size, load_image, slice_items
 
 SOURCES = ("train", "val", "test", "trainval")
 BANNER_PX = 20
@@ -93,11 +93,8 @@ class FGVCAircraftSplit(Split):
             items = []
             for i, (image_id, y) in enumerate(self.items):
                 p = self._path(i)
-                try:
-                    size = p.stat().st_size
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"fgvc_aircraft split {self.name!r}: image {str(p)!r} (listed in "
-                                            f"images_variant_{self.source}.txt) does not exist") from None
+                size = file_size(p, f"fgvc_aircraft split {self.name!r}: image {str(p)!r} (listed in "
+                                    f"images_variant_{self.source}.txt) does not exist")
                 items.append([image_id, y, size])
             self._manifest = {"type": "fgvc_aircraft", "source": self.source, "crop_banner": self.crop_banner,
                               "banner_px": BANNER_PX if self.crop_banner else 0, "classes": self.classes,

@@ -22,7 +22,7 @@ import csv
 import os
 from pathlib import Path
 
-from .base import Split, load_image, slice_items
+from .base import Split, file_size, load_image, slice_items
 
 
 def _resolve(root: Path, p: str) -> Path:
@@ -108,11 +108,8 @@ class ImageListSplit(Split):
             items = []
             for rel, y in self.items:
                 p = self.root / rel
-                try:
-                    size = p.stat().st_size
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"image_list split {self.name!r}: {str(self.list_path)!r} lists "
-                                            f"{rel!r}, but {str(p)!r} does not exist") from None
+                size = file_size(p, f"image_list split {self.name!r}: {str(self.list_path)!r} lists "
+                                    f"{rel!r}, but {str(p)!r} does not exist")
                 items.append([rel, y, size])
             self._manifest = {"type": "image_list", "classes": self.classes, "items": items}
         return self._manifest
