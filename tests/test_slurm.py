@@ -10,10 +10,12 @@ run here (not root, no apt-get, no executor plugin, no Fashion-MNIST) fails, so 
 without running them.
 
 The node has two fake GPUs (GRES on mknod devices). The experiment is tests/data/tiny.yaml shrunk
-to one pair, one layer, methods lfm + ffm and no pretraining (12 SLURM jobs), with `gpu_jobs: true`
-(backbone rules declare gpu=1, so they are submitted with --gpus=1) and `device: cpu` (the jobs
-themselves compute on the CPU). Every Snakemake call runs under a subprocess timeout (SIGKILL),
-and the cluster is stopped (jobs cancelled, daemons ended by pidfile) whatever happens.
+to one pair, one layer, methods lfm + ffm and no pretraining (12 jobs; the CPU-only ones may be
+bundled into group submissions by the profile), with `gpu_jobs: true` (backbone rules declare
+gpu=1, so they are submitted with --gpus=1) and `device: cpu` (the jobs themselves compute on the
+CPU). Every Snakemake call runs under a subprocess timeout (SIGKILL); a job pending for a reason
+that never clears (e.g. PartitionConfig: more CPUs than the node has) fails the test at once; and
+the cluster is stopped (jobs cancelled, daemons ended by pidfile) whatever happens.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,12 +39,19 @@ TINY = REPO / "tests" / "data" / "tiny.yaml"
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-# SLURM jobs of the shrunk experiment, by rule; the backbone rules and ffm training ask for a GPU
+# jobs of the shrunk experiment, by rule; the backbone rules (extract, evaluate) and ffm training
+# ask for a GPU, and each of those 7 is its own sbatch job; the CPU jobs may be bundled in groups
 JOBS = {"extract": 4, "probe": 2, "train": 2, "evaluate": 2, "table": 1, "plot": 1}
-GPU_JOBS = {"rule_extract_wildcards_fmnist_sup_train", "rule_extract_wildcards_fmnist_sup_val",
-            "rule_extract_wildcards_fmnist_ssl_train", "rule_extract_wildcards_fmnist_ssl_val",
-            "rule_train_wildcards_fmnist_sup_ssl_1_mlp_ffm",
-            "rule_evaluate_wildcards_fmnist_sup_ssl_1_mlp_lfm", "rule_evaluate_wildcards_fmnist_sup_ssl_1_mlp_ffm"}
+GPU_JOBS = 7
+# a pending job with one of these reasons can never start on this cluster (e.g. asks for more CPUs
+# than the node has): fail at once instead of waiting for the timeout
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "ReqNodeNotAvail")
+
+
+def needs_gpu(comment: str) -> bool:
+    """From the plugin's job comment `rule_<rule>_wildcards_<values>`: backbone rules and non-lfm training."""
+    rule = comment.split("_wildcards_")[0].removeprefix("rule_")
+    return rule in ("extract", "extract_pretrained", "evaluate") or (rule == "train" and not comment.endswith("_lfm"))
 
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-executor-plugin-slurm (pip install -e '.[slurm]')")
@@ -108,16 +118,48 @@ def workdir(tmp_path) -> Path:
     return wd
 
 
-def snakemake(wd: Path, *args: str, timeout: float, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    """snakemake with the SLURM profile in `wd` (the experiment is wd/config.yaml)."""
+def snakemake(wd: Path, *args: str, timeout: float, watch: bool = False) -> subprocess.CompletedProcess:
+    """snakemake with the SLURM profile in `wd` (the experiment is wd/config.yaml). With `watch`, the
+    run is stopped (and the test fails) as soon as one of its jobs pends for a reason that never
+    clears (NEVER_STARTS), instead of waiting for `timeout`."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # jobs run this venv's python
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "snakemake", "--workflow-profile", "workflow/profiles/slurm",
            "--slurm-init-seconds-before-status-checks", "2", *args]
-    # subprocess.run kills (SIGKILL) on timeout: Snakemake ignores SIGTERM while the plugin waits
-    return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
+    if not watch:
+        # subprocess.run kills (SIGKILL) on timeout: Snakemake ignores SIGTERM while the plugin waits
+        return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
+    out, err = wd / ".snakemake-test.out", wd / ".snakemake-test.err"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=fo, stderr=fe)
+    stuck = None
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+            stuck = never_starting_job(wd)
+            if stuck:
+                break
+            time.sleep(2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL: Snakemake ignores SIGTERM while the plugin waits
+        proc.wait()
+    if stuck:
+        raise AssertionError(f"a SLURM job of this run can never start: {stuck}\n{out.read_text()[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+
+
+def never_starting_job(wd: Path) -> str | None:
+    """`scontrol show job` of a pending job submitted from `wd` whose reason never clears, if any."""
+    proc = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r|%Z"], capture_output=True, text=True, timeout=20)
+    for line in proc.stdout.splitlines():
+        job, reason, workdir = (line.split("|") + ["", ""])[:3]
+        if reason in NEVER_STARTS and os.path.realpath(workdir) == os.path.realpath(wd):
+            show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=20)
+            return f"job {job} pending ({reason}):\n{show.stdout}"
+    return None
 
 
 # ------------------------------------------------------------- the profile (no cluster needed)
@@ -141,7 +183,7 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
     proc = snakemake(workdir, "-n", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     gpu = {}
-    for block in re.split(r"(?m)^(?:local)?rule ", proc.stdout)[1:]:
+    for block in re.split(r"(?m)^\s*(?:local)?rule ", proc.stdout)[1:]:
         rule = block.split(":", 1)[0]
         res = re.search(r"resources: (.*)", block).group(1)
         if rule != "all":
@@ -167,7 +209,7 @@ def test_tiny_workflow_on_slurm(cluster, workdir):
     import pyarrow.parquet as pq
 
     t0 = time.monotonic()
-    proc = snakemake(workdir, timeout=420)
+    proc = snakemake(workdir, timeout=420, watch=True)
     elapsed = time.monotonic() - t0
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
@@ -179,36 +221,41 @@ def test_tiny_workflow_on_slurm(cluster, workdir):
     for p in ("results/table.md", "results/paper_tables.md", "results/plots/accuracy.png"):
         assert (workdir / p).stat().st_size > 0, p
 
-    # every job went through sbatch, and exactly the GPU rules were given a (fake) GPU
-    jobs = [j for j in cluster.jobs() if j.get("Comment", "").startswith("rule_")
-            and os.path.realpath(j.get("WorkDir", "")) == os.path.realpath(workdir)]
-    by_rule = {}
-    for j in jobs:
-        assert j["JobState"] == "COMPLETED", j
-        rule = j["Comment"].split("_wildcards_")[0].removeprefix("rule_")
-        by_rule[rule] = by_rule.get(rule, 0) + 1
-    assert by_rule == JOBS, by_rule
-    with_gpu = {j["Comment"] for j in jobs if j.get("JOB_GRES", "(null)").startswith("gpu:fake:1")}
-    assert with_gpu == GPU_JOBS
-    assert all(j.get("TresPerJob") == "gres:gpu:1" for j in jobs if j["Comment"] in GPU_JOBS)
+    # every planned job ran, each in an sbatch job (alone, or bundled in a group of CPU jobs) ...
+    finished = Counter(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", log))
+    assert finished == {**JOBS, "all": 1}, finished
+    jobs = [j for j in cluster.jobs() if os.path.realpath(j.get("WorkDir", "")) == os.path.realpath(workdir)]
+    assert all(j["JobState"] == "COMPLETED" for j in jobs), jobs
+    assert GPU_JOBS <= len(jobs) <= sum(JOBS.values()), [j.get("Comment") for j in jobs]
+    # ... and exactly the GPU jobs were given a (fake) GPU, one each
+    grouped = [j for j in jobs if "/group_" in j.get("StdOut", "")]
+    alone = [j for j in jobs if j not in grouped]
+    with_gpu = [j for j in jobs if j.get("JOB_GRES", "(null)").startswith("gpu:fake:1")]
+    assert sorted(j["Comment"] for j in with_gpu) == sorted(j["Comment"] for j in alone if needs_gpu(j["Comment"]))
+    assert len(with_gpu) == GPU_JOBS and all(j.get("TresPerJob") == "gres:gpu:1" for j in with_gpu)
+    print(f"SLURM jobs: {len(alone)} alone, {len(grouped)} groups")
 
     assert "Nothing to be done" in snakemake(workdir, "-n", timeout=120).stdout
 
 
-FAILING_CLI = "import sys\nprint('stitchcache stub: failing on purpose', file=sys.stderr)\nsys.exit(3)\n"
-
-
 @cluster_test
 def test_failing_job_is_reported(cluster, workdir, tmp_path):
-    """A job that fails on the cluster ends the run with an error (no endless status polling)."""
-    fake = tmp_path / "fake" / "stitchcache"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("")
-    (fake / "__main__.py").write_text(FAILING_CLI)
+    """A job that fails on the cluster ends the run with an error (no endless status polling):
+    one model's weights file is corrupt, so its extraction fails when it loads them."""
+    garbage = tmp_path / "corrupt.pt"
+    garbage.write_text("not a checkpoint\n")
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    cfg["models"]["sup"]["checkpoint"] = str(garbage)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = snakemake(workdir, "-n", timeout=120)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    outputs = [re.search(r"output: (\S+)", block).group(1)
+               for block in re.split(r"(?m)^\s*(?:local)?rule ", plan.stdout)[1:] if block.startswith("extract")]
+    target = next(o for o in outputs if "/sup/train" in o)  # sup's train features, wherever the record lives
     t0 = time.monotonic()
-    proc = snakemake(workdir, "results/features/fmnist/sup/train.json", timeout=180, pythonpath=fake.parent)
+    proc = snakemake(workdir, target, timeout=180, watch=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-5000:]
     assert "Error in rule extract" in log, log[-5000:]
-    assert "failing on purpose" in log  # show-failed-logs printed the job's log
+    assert "stitchcache/extract.py" in log, log[-5000:]  # show-failed-logs printed the job's traceback
     assert time.monotonic() - t0 < 170

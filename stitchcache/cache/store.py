@@ -34,6 +34,10 @@ from .quant import SCALE_DTYPE, SCALE_SUFFIX, Quantized, QuantizedArray, dequant
 DTYPES = {"float16": "float16", "float32": "float32", "int8": "int8"}
 
 
+# attributes _create writes last: a store without all of them was killed while being created
+_CREATED = ("num_images", "layers", "dtype", "chunk_size", "shard_size", "compressor", "num_tokens", "width")
+
+
 def layer_name(l: int) -> str:
     return f"layer_{int(l):02d}"
 
@@ -195,8 +199,8 @@ class StoreWriter:
             if (self.path / "zarr.json").exists():
                 self.group = zarr.open_group(str(self.path), mode="r+")
                 old = dict(self.group.attrs)
-                if "num_images" not in old:  # killed while being created (_create writes the attributes
-                    old = None               # last, in one atomic write; no chunk is recorded yet): redo it
+                if not all(k in old for k in _CREATED):  # killed while being created (_create writes the
+                    old = None  # attributes last; no chunk can be recorded yet): create it again
             if old is not None:
                 if old.get("key_parts") != (attrs or {}).get("key_parts"):
                     raise RuntimeError(f"store {str(self.path)!r} exists with different inputs; refusing to mix")
@@ -241,12 +245,14 @@ class StoreWriter:
                                 shards=(S, *L) if S else None,
                                 dimension_names=("image", "y", "x")[:1 + len(L)] if len(L) in (0, 2) else None,
                                 config={"write_empty_chunks": True})
-        self.group.attrs.update({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,
-                                 "dtype": self.dtype, "chunk_size": C, "shard_size": S,
-                                 "compressor": compressor, "num_tokens": shape[1], "width": shape[2],
-                                 "label_shape": list(L), "label_dtype": self.label_dtype,
-                                 **({"quantization": "int8 symmetric per token, <array>_scale float32 (N, T)"}
-                                    if self.dtype == "int8" else {})})
+        # one metadata write (zarr's attrs.update writes zarr.json once per key: a kill in between
+        # would leave a store that looks created but lacks its geometry)
+        self.group.update_attributes({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,
+                                      "dtype": self.dtype, "chunk_size": C, "shard_size": S,
+                                      "compressor": compressor, "num_tokens": shape[1], "width": shape[2],
+                                      "label_shape": list(L), "label_dtype": self.label_dtype,
+                                      **({"quantization": "int8 symmetric per token, <array>_scale float32 (N, T)"}
+                                         if self.dtype == "int8" else {})})
 
     @property
     def num_chunks(self) -> int:
