@@ -146,8 +146,11 @@ def interrupt(wd: Path, sig: signal.Signals, ready, name: str, *extra: str,
     out_path = wd / f"{name}.out"
     cache = wd / load_yaml(wd / "tiny.yaml")["cache_root"]
     with open(out_path, "w") as out:
+        # SIGINT back to its default, as in a terminal: a shell running the tests in the background
+        # (`cmd &`) hands SIGINT down as ignored, and Python then keeps ignoring it
         proc = subprocess.Popen(command(*extra), cwd=wd, env=env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pgid = proc.pid
     try:
         deadline = time.monotonic() + timeout
