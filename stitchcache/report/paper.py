@@ -201,16 +201,24 @@ def _recipe_note(chosen, present):
 
 # ----------------------------------------------------------------------------- the tables
 
+def _skipped_without(R, methods, table: str) -> list[str]:
+    """The note of a table that compares `methods` when some have no runs (else [])."""
+    present = {r["method"] for r in R.rows}
+    missing = [m for m in methods if m not in present]
+    if not missing:
+        return []
+    return _note(f"{table} skipped: the results have no " + " / ".join(f"`{m}`" for m in missing)
+                 + f" runs (it compares {' with '.join(methods)}).")
+
+
 def table1(R):
     out = ["## Table 1 — TLT with and without FFM pre-training", "",
            "Rows: the stitch layer's pre-training before task-loss training — No (TLT from a random "
            "init) and FFM (FFM→TLT); columns: stitch layer. Accuracy: the TLT task-head accuracy "
            "(`head_acc`, %) on the validation split, as in the paper.", ""]
-    methods = {r["method"] for r in R.rows}
-    missing = [m for m in TLT_METHODS if m not in methods]
-    if missing:
-        return out + _note("Table 1 skipped: the results have no " + " / ".join(f"`{m}`" for m in missing)
-                           + " runs (it compares tlt with ffm_tlt).")
+    skipped = _skipped_without(R, TLT_METHODS, "Table 1")
+    if skipped:
+        return out + skipped
     body_before = len(out)
     for ds in R.datasets:
         for src, tgt in R.cross_pairs(ds):
@@ -295,11 +303,9 @@ def table4(R):
            "Per ordered pair S → T: the stitched model's linear-probe accuracy (%, the label-free "
            "methods' task accuracy) and the layer / final feature distances d_l, d_L (mean squared "
            "error per element, validation split) by stitch layer, LFM next to FFM.", ""]
-    methods = {r["method"] for r in R.rows}
-    missing = [m for m in ("lfm", "ffm") if m not in methods]
-    if missing:
-        return out + _note("Table 4 skipped: the results have no " + " / ".join(f"`{m}`" for m in missing)
-                           + " runs (it compares lfm with ffm).")
+    skipped = _skipped_without(R, ("lfm", "ffm"), "Table 4")
+    if skipped:
+        return out + skipped
     n = len(out)
     for ds in R.datasets:
         for st in R.stitches(dataset=ds, kind="cross"):
