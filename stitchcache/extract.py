@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .backends import create_backbone, weights_digest
+from .backends.identity import model_inputs
 from .cache import FeatureStore, StoreWriter, content_key, feature_key_parts
 from .cache.quant import Quantized, quantize_torch
 from .data import open_split
@@ -46,6 +47,20 @@ def model_from_spec(model_spec: dict):
         ckpt = str(Path(ckpt).expanduser().resolve())
     return create_backbone(model_spec["backbone"], checkpoint=ckpt,
                            **(model_spec.get("kwargs") or {}))
+
+
+def spec_inputs(model_spec: dict) -> dict:
+    """Config files and library versions that define the model's tokens (backends.identity)."""
+    return model_inputs(model_spec["backbone"], model_spec.get("kwargs"), model_spec.get("checkpoint"))
+
+
+def store_key_parts(bb, model_spec: dict, data, settings: dict) -> dict:
+    """The store's content key parts: the built model's facts (preprocessing included), weights,
+    config files and library versions, the split's manifest and the token-changing settings."""
+    layers = resolve_layers(settings.get("layers", "all"), bb.depth)
+    return feature_key_parts(backbone_facts=bb.describe(), weights_digest=weights_digest(bb.spec.get("checkpoint")),
+                             manifest_digest=data.digest(), layers=layers, dtype=settings.get("dtype", "float16"),
+                             model_inputs=spec_inputs(model_spec), settings=settings)
 
 
 def store_path_for(cache_root, key: str) -> Path:
@@ -162,8 +177,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     layers = resolve_layers(settings.get("layers", "all"), bb.depth)
     dtype = settings.get("dtype", "float16")
     facts = bb.describe()
-    parts = feature_key_parts(backbone_facts=facts, weights_digest=weights_digest(bb.spec.get("checkpoint")),
-                              manifest_digest=data.digest(), layers=layers, dtype=dtype)
+    parts = store_key_parts(bb, model_spec, data, settings)
     key = content_key(parts)
     path = store_path_for(cache_root, key)
     task = _task_attrs(data)

@@ -5,15 +5,16 @@ a report of missing weights and datasets (with how to provide them).
 The workflow (workflow/rules/common.smk) calls these while it builds the DAG, so nothing here
 loads a model or reads an image:
 
-* a model's weights are identified by their content digest (memoised per file by size and mtime,
-  so a 1 GB checkpoint is hashed once), ``random-init`` without weights, or ``missing:<path>``;
+* a model's weights are identified by their content digest (memoised per file by inode, size,
+  mtime and ctime, ``stitchcache.digest``), ``random-init`` without weights, or ``missing:<path>``;
+  its config files (open_clip JSON, HF config / preprocessor_config) by their digests;
 * a dataset split by its manifest digest (the same digest the store's content key uses), or
   ``missing:<reason>`` when its files are not there.
 
-The request key is a hash of those identities plus what extraction stores (layers, dtype) and the
-library versions that decide preprocessing. The extract job still computes the store's full
-content key; the request key only lets a second experiment *see* that the record exists and
-schedule nothing.
+The request key is a hash of those identities plus every extract setting that changes tokens
+(layers, dtype, view, ...) and the library versions that compute them. The extract job still
+computes the store's full content key; the request key only lets a second experiment *see* that
+the record exists and schedule nothing.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache.keys import EXTRACT_FORMAT_VERSION, content_key
+from .cache.keys import EXTRACT_FORMAT_VERSION, content_key, token_settings
 
 REQUEST_KEY_LENGTH = 16
 VERSIONED_PACKAGES = ("stitchcache", "torch", "timm", "open_clip_torch", "transformers")
@@ -109,7 +110,12 @@ def split_identity(dataset: dict, split: str) -> tuple[str, str | None]:
 
 
 def request_key(model_spec: dict, dataset: dict, split: str, extract: dict) -> str:
-    """A short key of everything that decides a feature store (names left out)."""
+    """A short key of everything that decides a feature store (names left out): the same inputs
+    as the store key (``cache.keys.feature_key_parts``) before the model is built - the model's
+    config files and numeric library versions (``backends.identity.model_inputs``), every extract
+    setting that changes tokens (``cache.keys.token_settings``), weights and manifest digests."""
+    from .backends.identity import model_inputs
+
     parts = {
         "format": EXTRACT_FORMAT_VERSION,
         "backbone": model_spec["backbone"],
@@ -117,8 +123,9 @@ def request_key(model_spec: dict, dataset: dict, split: str, extract: dict) -> s
         "weights": weights_identity(model_spec),
         "dataset": {"type": dataset.get("type"), "split": dataset["splits"][split],
                     "manifest": split_identity(dataset, split)[0]},
-        "layers": extract.get("layers", "all"),
-        "dtype": extract.get("dtype", "float16"),
+        "on_bad_image": dataset.get("on_bad_image", "error"),
+        "model": model_inputs(model_spec["backbone"], model_spec.get("kwargs"), model_spec.get("checkpoint")),
+        "settings": token_settings(extract),
         "versions": library_versions(),
     }
     return content_key(parts)[:REQUEST_KEY_LENGTH]

@@ -5,11 +5,12 @@ Nothing here touches the network: a missing file is an error that says what was 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
+
+from ..digest import file_digest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -46,42 +47,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _file_digest(p: Path) -> str:
-    """sha256 of a file, memoised in a sidecar keyed by (size, mtime) so big files hash once."""
-    st = p.stat()
-    memo_key = f"{st.st_size}:{st.st_mtime_ns}"
-    memo = _memo_path(p)
-    try:
-        data = json.loads(memo.read_text())
-        if data.get("key") == memo_key:
-            return data["sha256"]
-    except (OSError, ValueError):
-        pass
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps({"key": memo_key, "sha256": digest, "path": str(p)}))
-    except OSError:
-        pass
-    return digest
-
-
-def _memo_path(p: Path) -> Path:
-    root = Path(os.environ.get("STITCHCACHE_DIGEST_DIR", Path.home() / ".cache" / "stitchcache" / "digests"))
-    return root / (hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:32] + ".json")
-
-
 def weights_digest(path: str | os.PathLike | None) -> str:
     """Content digest of a weights file or of every weights file in a directory ('random' if None)."""
     if path is None:
         return "random-init"
     p = Path(path)
     if p.is_file():
-        return _file_digest(p)
+        return file_digest(p)
     if p.is_dir():
         files = sorted(
             f for f in p.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")
@@ -89,6 +61,6 @@ def weights_digest(path: str | os.PathLike | None) -> str:
         h = hashlib.sha256()
         for f in files:
             h.update(str(f.relative_to(p)).encode())
-            h.update(_file_digest(f).encode())
+            h.update(file_digest(f).encode())
         return h.hexdigest()
     raise WeightsNotFound(f"weights not found at {str(p)!r}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..backends.weights import _file_digest
+from ..digest import file_digest
 from .base import Split
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -83,7 +83,7 @@ class FashionMNISTSplit(Split):
         r = Path(self.root)
         return {
             "type": "fashion_mnist",
-            "files": [_file_digest(_find(r, imgs)), _file_digest(_find(r, labels))],
+            "files": [file_digest(_find(r, imgs)), file_digest(_find(r, labels))],
             "source": self.source,
             "start": self.start,
             "count": self.count,
