@@ -29,6 +29,9 @@ from .data.segmentation import mask_transform
 from .runtime import json_arg, log, pick_device, set_threads, write_json
 
 
+DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds to wait for another process writing the same store
+
+
 def resolve_layers(setting, depth: int) -> list[int]:
     if setting in (None, "all"):
         return list(range(depth + 1))
@@ -195,7 +198,11 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     with StoreWriter(path, num_images=len(data), layers=layers, num_tokens=bb.num_tokens, width=bb.width,
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
                      compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size"),
+                     lock_timeout=float(settings.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)),
                      **_label_layout(data, bb)) as writer:
+        if writer.already_complete:
+            log(f"cache hit: {path} was finished by another process while this one waited for it")
+            return record
         pending = writer.pending_units()
         if len(pending) < writer.num_units:
             unit = "shards" if writer.shard_size else "chunks"

@@ -19,7 +19,6 @@ NON_TOKEN_SETTINGS = frozenset({
     "device",        # cpu / cuda: recorded in the store attributes, not keyed (float tolerance)
     "seed",          # extraction draws no random numbers (random-init weights use a fixed seed)
     "lock_timeout",  # how long to wait for another writer
-    "scan_workers",  # threads of the bad-image scan
 })
 TOKEN_SETTING_DEFAULTS = {"layers": "all", "dtype": "float16"}
 

@@ -16,11 +16,12 @@ The unit of work and of resume is a chunk of whole images, or, when the store is
 written whole, and the markers of all its chunks are created after every array has the shard, so a
 restarted job rewrites any shard whose markers are not all there.
 
-A writer holds an exclusive lock (``<store>.lock``, fcntl) so two jobs never write one store.
+A writer holds an exclusive lock (``<store>.lock``, lock.py: a record lock owned by the writing
+process, so it dies with it) so two jobs never write one store; ``lock_timeout`` waits for another
+writer instead of failing at once.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .lock import StoreBusy, StoreLock  # noqa: F401  (StoreBusy is part of this module's API)
 from .quant import SCALE_DTYPE, SCALE_SUFFIX, Quantized, QuantizedArray, dequantize, quantize
 
 DTYPES = {"float16": "float16", "float32": "float32", "int8": "int8"}
@@ -43,10 +45,6 @@ def layer_name(l: int) -> str:
 
 
 class IncompleteStore(RuntimeError):
-    pass
-
-
-class StoreBusy(RuntimeError):
     pass
 
 
@@ -164,6 +162,9 @@ class StoreWriter:
     """Creates (or resumes) a store. The unit of work and of resume is a chunk of whole images, or
     a whole shard when ``shard_size`` is set (images per shard, a multiple of ``chunk_size``).
 
+    ``lock_timeout``: seconds to wait for another process writing the same store (then StoreBusy);
+    when that writer finished it meanwhile, ``already_complete`` is True and nothing else is set up.
+
     Write with ``write_unit(u, layers, final, labels)`` (``pending_units()`` lists what is left);
     ``write_chunk`` / ``pending_chunks`` are the same for unsharded stores. Token values are float
     arrays, or for int8 stores optionally ``quant.Quantized(q, scale)`` already quantised.
@@ -172,21 +173,17 @@ class StoreWriter:
     def __init__(self, path, *, num_images: int, layers: list[int], num_tokens: int, width: int,
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
                  compressor: str = "none", shard_size: int | None = None,
-                 label_shape: tuple = (), label_dtype: str = "int64"):
+                 label_shape: tuple = (), label_dtype: str = "int64", lock_timeout: float = 0.0):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(str(self.path) + ".lock", "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise StoreBusy(f"another process is writing feature store {str(self.path)!r}; wait for it to finish")
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"{os.uname().nodename}:{os.getpid()}\n")
-        self._lock_file.flush()
+        self._lock = StoreLock(str(self.path) + ".lock", timeout=lock_timeout,
+                               what=f"feature store {str(self.path)!r}")
+        # finished by another writer while this one waited for the lock: nothing to write or open
+        self.already_complete = FeatureStore.is_complete(self.path)
+        if self.already_complete:
+            return
         self.num_images, self.chunk_size = int(num_images), int(chunk_size)
         self.shard_size = int(shard_size) if shard_size else None
         self.dtype = dtype
@@ -323,9 +320,7 @@ class StoreWriter:
         _atomic_write_text(self.path / "COMPLETE", json.dumps({"completed": time.time()}))
 
     def close(self) -> None:
-        if not self._lock_file.closed:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+        self._lock.close()
 
     def __enter__(self):
         return self
