@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from .backends import create_backbone, weights_digest
 from .backends.identity import model_inputs
-from .cache import FeatureStore, StoreWriter, content_key, feature_key_parts
+from .cache import FeatureStore, StoreBusy, StoreWriter, content_key, feature_key_parts
 from .cache.quant import Quantized, quantize_torch
 from .data import open_split
+from .data.scan import BadImages, checked_split
 from .data.base import SEGMENTATION
 from .data.segmentation import mask_transform
 from .runtime import json_arg, log, pick_device, set_threads, write_json
@@ -175,8 +176,12 @@ class _UnitBuffer:
 
 def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settings: dict) -> dict:
     device = pick_device(settings.get("device", "auto"))
+    # cheap checks first: every image decodes (or is skipped by on_bad_image: skip), before the model
+    data = checked_split(open_split(dataset_spec, split), dataset_spec.get("on_bad_image", "error"),
+                         cache_dir=Path(cache_root) / "scans", workers=max(2, int(settings.get("num_workers", 2))),
+                         dataset=dataset_spec.get("name"))
+    skipped = list(getattr(data, "skipped_ids", []))
     bb = model_from_spec(model_spec).to(device)
-    data = open_split(dataset_spec, split)
     layers = resolve_layers(settings.get("layers", "all"), bb.depth)
     dtype = settings.get("dtype", "float16")
     facts = bb.describe()
@@ -186,14 +191,15 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     task = _task_attrs(data)
     record = {"store": str(path), "key": key, "model": model_spec.get("name"), "dataset": dataset_spec.get("name"),
               "split": split, "num_images": len(data), "layers": layers, "facts": facts,
-              "num_classes": data.num_classes, **task}
+              "num_classes": data.num_classes, **task, **({"skipped_images": skipped} if skipped else {})}
     if FeatureStore.is_complete(path):
         log(f"cache hit: {model_spec.get('name')} on {dataset_spec.get('name')}/{split} -> {path}")
         return record
 
     attrs = {"key": key, "key_parts": parts, "model_name": model_spec.get("name"), "model": facts,
              "dataset": {"name": dataset_spec.get("name"), "split": split, "manifest": data.digest(), "num_images": len(data)},
-             "num_classes": data.num_classes, **task, "versions": _versions(),
+             "num_classes": data.num_classes, **task, "versions": _versions(), "device": str(device),
+             "skipped_images": skipped,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with StoreWriter(path, num_images=len(data), layers=layers, num_tokens=bb.num_tokens, width=bb.width,
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
@@ -319,7 +325,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     set_threads()
-    record = extract(json_arg(args.model_spec, "--model-spec"), json_arg(args.dataset_spec, "--dataset-spec"),
-                     args.split, args.cache_root, json_arg(args.settings, "--settings"))
+    try:
+        record = extract(json_arg(args.model_spec, "--model-spec"), json_arg(args.dataset_spec, "--dataset-spec"),
+                         args.split, args.cache_root, json_arg(args.settings, "--settings"))
+    except (BadImages, StoreBusy) as e:
+        raise SystemExit(f"error: {e}")
     write_json(args.out, record)
     return 0

@@ -5,7 +5,7 @@ import hashlib
 import json
 
 # Bump when extraction changes what lands in a store (forces new keys; old stores stay valid).
-EXTRACT_FORMAT_VERSION = 1
+EXTRACT_FORMAT_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits (were clipped)
 
 # `extract:` settings that change how a store is computed or laid out on disk, never its values.
 # Every other extract setting (layers, dtype, view, and any key added later) enters both the store

@@ -69,7 +69,13 @@ class ADE20KSplit(Split):
         return len(self.items)
 
     def image(self, i):
-        return load_image(self.image_dir / f"{self.items[i]}.jpg")
+        return load_image(self.image_path(i))
+
+    def image_path(self, i):
+        return self.image_dir / f"{self.items[i]}.jpg"
+
+    def image_id(self, i):
+        return str(self.image_path(i).relative_to(self.root))
 
     def label(self, i) -> Image.Image:
         path = self.mask_dir / f"{self.items[i]}.png"

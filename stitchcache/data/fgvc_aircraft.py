@@ -75,6 +75,12 @@ class FGVCAircraftSplit(Split):
     def _path(self, i) -> Path:
         return self.data / "images" / f"{self.items[i][0]}.jpg"
 
+    def image_path(self, i):
+        return self._path(i)
+
+    def image_id(self, i):
+        return f"images/{self.items[i][0]}.jpg"
+
     def image(self, i):
         im = load_image(self._path(i))
         if self.crop_banner:

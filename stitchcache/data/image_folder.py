@@ -1,12 +1,16 @@
-"""A folder of images, one sub-folder per class (``root/<class>/<image>``), torchvision style."""
+"""A folder of images, one sub-folder per class (``root/<class>/<image>``), torchvision style.
+
+The images are listed class by class (classes sorted, files sorted within a class), and a split's
+``start`` / ``count`` slice that list: a ``count`` below the total takes whole classes from the
+front, not a sample of every class (a note says so). For a balanced per-class sample, write lists
+with ``python -m stitchcache data subset`` and use an ``image_list`` dataset."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from PIL import Image
-
-from .base import Split
+from .base import Split, load_image
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -30,13 +34,25 @@ class ImageFolderSplit(Split):
             raise ValueError(f"image_folder split {name!r}: start={start}, count={count} outside {len(items)} images")
         self.items = items[start : start + count]
         self.num_classes = len(self.classes)
+        covered = sorted({ci for _, ci, _ in self.items})
+        if len(covered) < len(self.classes):  # start/count cut the class-sorted list: say so
+            print(f"[stitchcache] note: image_folder split {name!r}: start={start}, count={count} take images in "
+                  f"class order (classes sorted, then files), so this split holds {len(covered)} of "
+                  f"{len(self.classes)} classes ({self.classes[covered[0]]!r}..{self.classes[covered[-1]]!r}); "
+                  "for a per-class sample write lists with `python -m stitchcache data subset` and use an "
+                  "image_list dataset", file=sys.stderr)
 
     def __len__(self):
         return len(self.items)
 
     def image(self, i):
-        with Image.open(self.root / self.items[i][0]) as im:
-            return im.copy()
+        return load_image(self.root / self.items[i][0])
+
+    def image_path(self, i):
+        return self.root / self.items[i][0]
+
+    def image_id(self, i):
+        return self.items[i][0]
 
     def label(self, i):
         return self.items[i][1]

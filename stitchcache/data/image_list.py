@@ -100,6 +100,12 @@ class ImageListSplit(Split):
     def image(self, i):
         return load_image(self.root / self.items[i][0])
 
+    def image_path(self, i):
+        return self.root / self.items[i][0]
+
+    def image_id(self, i):
+        return self.items[i][0]
+
     def label(self, i):
         return self.items[i][1]
 

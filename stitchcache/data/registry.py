@@ -14,7 +14,7 @@ _SPLIT_KEYS = {"fashion_mnist": {"source"}, "image_folder": {"root"}, "image_lis
                "fgvc_aircraft": {"source"}, "ade20k": {"source"}}
 _DATASET_KEYS = {"fashion_mnist": set(), "image_folder": set(), "image_list": {"classes"},
                  "fgvc_aircraft": {"crop_banner"}, "ade20k": set()}
-_COMMON_DATASET_KEYS = {"name", "type", "root", "splits"}
+_COMMON_DATASET_KEYS = {"name", "type", "root", "splits", "on_bad_image"}  # on_bad_image: data/scan.py
 
 
 def open_split(dataset_spec: dict, split: str) -> Split:
