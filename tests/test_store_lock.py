@@ -178,3 +178,23 @@ def test_second_extraction_waits_and_uses_the_finished_store(tmp_path, image_fol
     assert rec["store"] == first["store"] and FeatureStore.is_complete(rec["store"])
     log = capfd.readouterr().err
     assert "waiting for host:pid" in log and "finished by another process" in log
+
+
+def test_gc_sees_a_store_another_process_is_writing(tmp_path):
+    """gc tested the lock with flock, which does not see record locks: it must use the writer's."""
+    from stitchcache.cache.lock import is_locked
+    from stitchcache.cache.manage import _locked
+
+    store = tmp_path / "features" / "k"
+    proc = _spawn(HOLDER, str(store) + ".lock", 60)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert _locked(store) and is_locked(str(store) + ".lock")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _locked(store)
+    with StoreWriter(store, **GEOM):  # held by this process: locked, and asking does not release it
+        assert _locked(store) and _locked(store)
+        with pytest.raises(StoreBusy):
+            StoreWriter(store, **GEOM)

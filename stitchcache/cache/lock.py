@@ -106,6 +106,27 @@ class StoreLock:
         self.close()
 
 
+def is_locked(lock_path) -> bool:
+    """Whether some process (this one included) holds the writer's lock ``lock_path`` now."""
+    p = Path(lock_path)
+    key = str(p.resolve())
+    with _HELD_GUARD:
+        if key in _HELD:
+            return True  # (and opening + closing the file here would release our own lock)
+        if not p.exists():
+            return False
+        fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
+
 def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 200, 0).decode(errors="replace").strip()

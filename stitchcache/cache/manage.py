@@ -7,7 +7,6 @@ under the given workflow directories names it; ``gc`` removes the others (dry ru
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .lock import is_locked
 
 KINDS = ("features", "stitched")
 
@@ -184,16 +185,7 @@ def stale_records(root) -> list[Path]:
 
 
 def _locked(path: Path) -> bool:
-    lock = Path(str(path) + ".lock")
-    if not lock.exists():
-        return False
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    return is_locked(str(path) + ".lock")  # the writer's record lock (lock.py), not an flock
 
 
 def cmd_gc(args) -> int:
