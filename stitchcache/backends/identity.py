@@ -93,8 +93,10 @@ def model_inputs(backbone: str, kwargs: dict | None = None, checkpoint=None) -> 
     from .registry import is_registered, resolve_model
 
     kwargs = dict(kwargs or {})
+    weights_root = kwargs.pop("weights_root", None)  # as create_backbone takes it
     if is_registered(backbone):
-        r = resolve_model({"name": backbone, "checkpoint": checkpoint, "kwargs": kwargs}, require_weights=False)
+        r = resolve_model({"name": backbone, "checkpoint": checkpoint, "kwargs": kwargs}, weights_root=weights_root,
+                          require_weights=False)
         backbone, checkpoint, kwargs = r["name"], r["checkpoint"], dict(r["kwargs"] or {})
     lib, arch = parse_name(backbone)
     if lib == "open_clip":
