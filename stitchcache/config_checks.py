@@ -52,6 +52,20 @@ def stitch_datasets(cfg: dict) -> list[str]:
     return list(st["datasets"]) if st.get("datasets") else [st["dataset"]]
 
 
+def schema_errors(cfg, schema_path) -> list[ConfigError]:
+    """Every JSON-schema error of ``cfg`` (jsonschema's own messages), keyed by the path it is at."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    out = []
+    for e in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path))):
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".")
+        out.append(ConfigError(key or "(top level)", e.message))
+    return out
+
+
 # ---- the config alone -------------------------------------------------------------------------
 def _structure_errors(cfg: dict) -> list[ConfigError]:
     from .backends.registry import is_registered, list_models

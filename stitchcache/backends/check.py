@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,24 @@ def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
         return module.build(arch, checkpoint=None, **kwargs)
 
 
+def _build(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
+    """On the meta device; a library that cannot build there gets a real (CPU) random init instead.
+    Library log lines of the build (open_clip's "no pretrained weights loaded") are silenced: loading
+    no weights is the point here."""
+    logging.disable(logging.WARNING)
+    try:
+        try:
+            return _build_meta(lib, arch, kwargs, checkpoint)
+        except NotImplementedError as e:
+            if "meta" not in str(e) or lib == "hf":
+                raise
+        from . import create_backbone
+
+        return create_backbone(f"{lib}:{arch}", checkpoint=None, **kwargs)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _hf_meta_from_dir(arch: str, d: Path, kwargs: dict):
     """HF: the model of ``d/config.json`` on meta, with the preprocessing ``build`` would read there."""
     import transformers
@@ -135,16 +154,17 @@ def _facts(spec_json: str) -> tuple[ModelFacts, object]:
     ckpt = spec.get("checkpoint")
     hf_dir = ckpt if lib == "hf" and ckpt is not None and Path(ckpt).expanduser().is_dir() else None
     try:
-        bb = _build_meta(lib, arch, kwargs, hf_dir)
+        bb = _build(lib, arch, kwargs, hf_dir)
     except TypeError as e:  # a constructor kwarg the library does not take
-        raise ModelCheckError("kwargs", f"{backbone} does not take these kwargs ({e}); kwargs: {kwargs}") from None
+        raise ModelCheckError("kwargs", f"{backbone} does not take these kwargs: {e}") from None
     except (FileNotFoundError, OSError) as e:
         raise ModelCheckError("checkpoint" if hf_dir else "backbone", str(e)) from None
-    except Exception as e:  # unknown architecture, bad values: the library's message
+    except Exception as e:  # unknown architecture (the library's message), bad kwarg values
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        field = "backbone" if not kwargs or "has no" in msg or "unknown" in msg.lower() else "kwargs"
-        raise ModelCheckError(field, f"{backbone} cannot be built with kwargs {kwargs}: {type(e).__name__}: {msg}") \
-            from None
+        if " has no " in msg or "not supported" in msg or not kwargs:
+            raise ModelCheckError("backbone", msg) from None
+        raise ModelCheckError("kwargs", f"{backbone} cannot be built with kwargs {kwargs}: "
+                              f"{type(e).__name__}: {msg}") from None
     facts = ModelFacts(backbone=backbone, depth=int(bb.depth), width=int(bb.width), patch_size=int(bb.patch_size),
                        image_size=tuple(int(s) for s in bb.image_size), grid=tuple(int(g) for g in bb.grid),
                        num_prefix_tokens=int(bb.num_prefix_tokens), source=_source(lib, arch, hf_dir))
