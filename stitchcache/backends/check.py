@@ -60,8 +60,10 @@ def _looks_like_path(arch: str) -> bool:
     return arch.startswith(("/", ".", "~")) or arch.count("/") > 1 or arch.endswith(".json")
 
 
-def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
-    """The backbone with parameters on the meta device (raises the library's own errors)."""
+def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None, weights_here: bool = True):
+    """The backbone with parameters on the meta device (raises the library's own errors).
+    checkpoint: an HF weights directory (else None); weights_here: an HF model directory given as the
+    architecture must hold the weights too (no checkpoint file names them)."""
     import importlib
 
     module = importlib.import_module(_LIBRARIES[lib])
@@ -71,7 +73,7 @@ def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
         if "config" not in kwargs:
             d = _local_dir(arch)  # a directory, an offline hub snapshot, or None (a class name)
             if d is not None:
-                return _hf_meta_from_dir(arch, d, kwargs)
+                return _hf_meta_from_dir(arch, d, kwargs, weights_here=weights_here)
     if lib == "hf" and checkpoint is not None and Path(checkpoint).expanduser().is_dir():
         return _hf_meta_from_dir(arch, Path(checkpoint).expanduser(), kwargs)
     if lib == "hf" and "config" not in kwargs:
@@ -86,14 +88,14 @@ def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
         return module.build(arch, checkpoint=None, **kwargs)
 
 
-def _build(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
+def _build(lib: str, arch: str, kwargs: dict, checkpoint: str | None, weights_here: bool = True):
     """On the meta device; a library that cannot build there gets a real (CPU) random init instead.
     Library log lines of the build (open_clip's "no pretrained weights loaded") are silenced: loading
     no weights is the point here."""
     logging.disable(logging.WARNING)
     try:
         try:
-            return _build_meta(lib, arch, kwargs, checkpoint)
+            return _build_meta(lib, arch, kwargs, checkpoint, weights_here)
         except NotImplementedError as e:
             if "meta" not in str(e) or lib == "hf":
                 raise
@@ -104,14 +106,17 @@ def _build(lib: str, arch: str, kwargs: dict, checkpoint: str | None):
         logging.disable(logging.NOTSET)
 
 
-def _hf_meta_from_dir(arch: str, d: Path, kwargs: dict):
-    """HF: the model of ``d/config.json`` on meta, with the preprocessing ``build`` would read there."""
+def _hf_meta_from_dir(arch: str, d: Path, kwargs: dict, weights_here: bool = True):
+    """HF: the model of ``d/config.json`` on meta, with the preprocessing ``build`` would read there.
+    ``weights_here``: the directory is also where the weights must be (no separate checkpoint file)."""
     import transformers
 
     from . import hf_backend as hf
 
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {str(d)!r} (expected a save_pretrained directory)")
+    if weights_here and not (any(d.glob("*.safetensors")) or any(d.glob("*.bin"))):
+        raise FileNotFoundError(f"no model.safetensors (or pytorch_model.bin) in {str(d)!r}")
     kwargs = dict(kwargs)
     image_size = kwargs.pop("image_size", None)
     kwargs.pop("dtype", None)
@@ -154,7 +159,7 @@ def _facts(spec_json: str) -> tuple[ModelFacts, object]:
     ckpt = spec.get("checkpoint")
     hf_dir = ckpt if lib == "hf" and ckpt is not None and Path(ckpt).expanduser().is_dir() else None
     try:
-        bb = _build(lib, arch, kwargs, hf_dir)
+        bb = _build(lib, arch, kwargs, hf_dir, weights_here=ckpt is None)
     except TypeError as e:  # a constructor kwarg the library does not take
         raise ModelCheckError("kwargs", f"{backbone} does not take these kwargs: {e}") from None
     except (FileNotFoundError, OSError) as e:
@@ -222,11 +227,11 @@ def _weights_files(path: Path) -> list[Path]:
     return files
 
 
-def _strip(key: str, wanted: set) -> str:
+def _strip(key: str, wanted: set, prefixes=_PREFIXES) -> str:
     changed = True
     while changed and key not in wanted:
         changed = False
-        for pre in _PREFIXES:
+        for pre in prefixes:
             if key.startswith(pre):
                 key, changed = key[len(pre):], True
                 break
@@ -270,7 +275,8 @@ def checkpoint_problems(spec: dict) -> list[str]:
         return []
     if spec["backbone"].startswith("timm:"):
         have = _timm_filtered(bb, have)
-    have = {_strip(k, set(want)): s for k, s in have.items()}
+    prefixes = _PREFIXES + ((module.base_model_prefix + ".",) if getattr(module, "base_model_prefix", "") else ())
+    have = {_strip(k, set(want), prefixes): s for k, s in have.items()}
     common = set(want) & set(have)
     where = ", ".join(str(f) for f in files)
     if not common:
