@@ -195,9 +195,7 @@ def _class_errors(cfg: dict) -> list[ConfigError]:
 
 def config_errors(cfg: dict, models: bool = True, data: bool = True) -> list[ConfigError]:
     """Every cross-check error of ``cfg`` (schema defaults filled in), in config order."""
-    errors = _structure_errors(cfg)
-    if errors:  # names that do not resolve: the model / data checks would only repeat them
-        return errors
+    errors = _structure_errors(cfg)  # (the model / data checks skip names that do not resolve)
     if models:
         errors += _model_errors(cfg)
     if data:

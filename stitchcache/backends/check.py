@@ -80,8 +80,8 @@ def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None, weigh
         p = Path(os.path.expanduser(arch))
         if _looks_like_path(arch) and not p.exists():
             raise FileNotFoundError(f"HF model directory {str(p)!r} does not exist")
-        raise ValueError(f"hf:{arch}: without weights the architecture is unknown: give a save_pretrained "
-                         "directory (config.json) or kwargs.config")
+        raise ModelCheckError("backbone", f"hf:{arch}: without weights the architecture is unknown (HF reads it "
+                              "from config.json next to the weights): give a save_pretrained directory or kwargs.config")
     with torch.device("meta"):
         if lib == "open_clip":  # open_clip moves the model to `device` at the end of create_model
             return module.build(arch, checkpoint=None, device="meta", **kwargs)
@@ -160,6 +160,8 @@ def _facts(spec_json: str) -> tuple[ModelFacts, object]:
     hf_dir = ckpt if lib == "hf" and ckpt is not None and Path(ckpt).expanduser().is_dir() else None
     try:
         bb = _build(lib, arch, kwargs, hf_dir, weights_here=ckpt is None)
+    except ModelCheckError:
+        raise
     except TypeError as e:  # a constructor kwarg the library does not take
         raise ModelCheckError("kwargs", f"{backbone} does not take these kwargs: {e}") from None
     except (FileNotFoundError, OSError) as e:

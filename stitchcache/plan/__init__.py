@@ -62,8 +62,9 @@ def main(args) -> int:
     try:
         cfg = load_config(args.configfile)
         check_config(cfg, source=args.configfile)
+        p = plan(cfg, do_measure=not args.no_measure, device=args.device, reference=args.reference)
     except (ConfigErrors, FileNotFoundError) as e:
         print(f"stitchcache plan: {e}", file=sys.stderr)
         return 2
-    print_plan(plan(cfg, do_measure=not args.no_measure, device=args.device, reference=args.reference))
+    print_plan(p)
     return 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ..backends.check import ModelCheckError
+from ..config_checks import ConfigError, ConfigErrors
 from .cost import ITEMSIZE, LABEL_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
 from .shapes import build_random_init, measure, model_shape
 
@@ -112,7 +114,10 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     shapes, local = {}, {}
     for name in used:
         m = cfg["models"][name]
-        bb = build_random_init(name, m, cfg.get("weights_root"), meta=not do_measure)
+        try:
+            bb = build_random_init(name, m, cfg.get("weights_root"), meta=not do_measure)
+        except ModelCheckError as e:  # e.g. an HF model whose config.json is in its (missing) weights folder
+            raise ConfigErrors([ConfigError(f"models.{name}.{e.field}", f"model {name!r}: {e.message}")]) from None
         layers = resolve_layers(ex.get("layers", "all"), bb.depth)
         shape = model_shape(bb)
         shape["layers"] = len(layers)
