@@ -101,17 +101,21 @@ def missing_hf_directory(cfg, tmp):
     add_model(cfg, "hfm", {"backbone": f"hf:{tmp / 'models' / 'dinov2-small'}"})
 
 
-def hf_dir(path: Path, weights: bool) -> str:
-    """A save_pretrained directory of a tiny DINOv2 (16 px, patch 4, 3 blocks); config only if not weights."""
+def hf_dir(path: Path, weights: bool, layers: int = 3) -> str:
+    """A save_pretrained directory of a tiny DINOv2 (16 px, patch 4); config only if not weights."""
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
                        image_size=16, patch_size=4)
     if weights:
         Dinov2Model(cfg).save_pretrained(path)
     else:
         cfg.save_pretrained(path)
     return str(path)
+
+
+def layer_beyond_hf_config_depth(cfg, tmp):  # config.json says 2 blocks
+    add_model(cfg, "hfm", {"backbone": f"hf:{hf_dir(tmp / 'dinov2-2', weights=True, layers=2)}"})
 
 
 def hf_directory_without_weights(cfg, tmp):
@@ -142,6 +146,9 @@ CASES = {
     "other_architecture_checkpoint": (other_architecture_checkpoint,
                                       ["models.fixed.checkpoint", "'fixed'", "resnet.pt", "another architecture"]),
     "missing_hf_directory": (missing_hf_directory, ["models.hfm.backbone", "'hfm'", "dinov2-small", "does not exist"]),
+    "layer_beyond_hf_config_depth": (layer_beyond_hf_config_depth,
+                                     ["stitch.layers[1]", "layer 2 is outside 1..1 for model 'hfm'",
+                                      "dinov2-2/config.json"]),
     "hf_directory_without_weights": (hf_directory_without_weights,
                                      ["models.hfm.backbone", "'hfm'", "no model.safetensors", "dinov2-tiny"]),
     "train_val_classes_differ": (train_val_classes_differ,
