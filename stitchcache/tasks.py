@@ -207,9 +207,11 @@ def channel_stats(array, num_prefix: int, batch_size: int = 256) -> tuple[torch.
 
 def check_same_classes(train_attrs: dict, val_attrs: dict, what: str) -> None:
     """Train and val label indices must mean the same classes (where the stores record names)."""
+    from .data.registry import class_order_advice
+
     a, b = train_attrs.get("classes"), val_attrs.get("classes")
     if a is not None and b is not None and list(a) != list(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         raise ValueError(f"{what}: the train and val splits number their classes differently "
                          f"(train only: {only_a[:5]}, val only: {only_b[:5]}, {len(a)} vs {len(b)} classes); "
-                         "give the dataset a `classes:` file so both use one label order")
+                         + class_order_advice(None))  # stores do not record the dataset type

@@ -17,6 +17,17 @@ _DATASET_KEYS = {"fashion_mnist": set(), "image_folder": set(), "image_list": {"
 _COMMON_DATASET_KEYS = {"name", "type", "root", "splits", "on_bad_image"}  # on_bad_image: data/scan.py
 
 
+def class_order_advice(kind: str | None) -> str:
+    """How to make the train and val splits of a ``kind`` dataset number their classes alike."""
+    if kind == "image_folder":
+        return ("give both split folders the same class sub-folders (image_folder numbers the sorted "
+                "sub-folder names; an empty folder keeps a class's index)")
+    if kind == "image_list":
+        return "give the dataset a `classes:` file (one class name per line) so both splits use one label order"
+    return ("image_folder: give both split folders the same class sub-folders (an empty folder keeps a class's "
+            "index); image_list: give the dataset a `classes:` file so both splits use one label order")
+
+
 def open_split(dataset_spec: dict, split: str) -> Split:
     """dataset_spec: a config ``datasets.<name>`` entry (with ``name``); split: a key of its ``splits``."""
     name = dataset_spec.get("name", "?")

@@ -11,7 +11,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from stitchcache.backends.registry import is_registered, list_models
+from stitchcache.config_checks import ConfigErrors, check_config
 from stitchcache.inputs import (
     concrete_model_spec,
     drop_if_stale,
@@ -43,77 +43,15 @@ wildcard_constraints:
     method="lfm|ffm|tlt|ffm_tlt",
 
 
-def _config_error(key, message):
-    raise WorkflowError(f"config error at {key}: {message}")
-
-
 def _check_config(cfg):
-    """Checks the schema cannot express; each error names the offending key."""
-    datasets, models, st = cfg["datasets"], cfg["models"], cfg["stitch"]
-    for i, name in enumerate(st["datasets"]):
-        if name not in datasets:
-            _config_error(
-                f"stitch.datasets[{i}]",
-                f"unknown dataset {name!r} (datasets: {', '.join(datasets)})",
-            )
-        splits = datasets[name]["splits"]
-        for split in STITCH_SPLITS:
-            if split not in splits:
-                _config_error(
-                    f"datasets.{name}.splits",
-                    f"the stitch dataset needs a split named {split!r} (has: {', '.join(splits)})",
-                )
-    for name, m in models.items():
-        if ":" not in m["backbone"] and not is_registered(m["backbone"]):
-            _config_error(
-                f"models.{name}.backbone",
-                f"{m['backbone']!r} is neither 'library:architecture' nor a registry model "
-                f"(registry: {', '.join(list_models())})",
-            )
-    for i, pair in enumerate(st["pairs"]):
-        for j, name in enumerate(pair):
-            if name not in models:
-                _config_error(
-                    f"stitch.pairs[{i}][{j}]",
-                    f"unknown model {name!r} (models: {', '.join(models)})",
-                )
-    for name, m in models.items():
-        pre = m.get("pretrain")
-        if pre is None:
-            continue
-        if m.get("checkpoint") is not None:
-            _config_error(
-                f"models.{name}.checkpoint",
-                "a model with `pretrain:` gets its checkpoint from the pretrain stage; set checkpoint: null",
-            )
-        if pre["dataset"] not in datasets:
-            _config_error(
-                f"models.{name}.pretrain.dataset",
-                f"unknown dataset {pre['dataset']!r} (datasets: {', '.join(datasets)})",
-            )
-        if pre["split"] not in datasets[pre["dataset"]]["splits"]:
-            _config_error(
-                f"models.{name}.pretrain.split",
-                f"dataset {pre['dataset']!r} has no split {pre['split']!r} "
-                f"(has: {', '.join(datasets[pre['dataset']]['splits'])})",
-            )
-    for name in stitched_models(cfg):
-        depth = models[name]["kwargs"].get("depth")
-        if isinstance(depth, int):
-            for i, layer in enumerate(st["layers"]):
-                if not 1 <= layer <= depth - 1:
-                    _config_error(
-                        f"stitch.layers[{i}]",
-                        f"layer {layer} is outside 1..{depth - 1} for model {name!r} (kwargs.depth: {depth})",
-                    )
-    wanted = cfg["extract"]["layers"]
-    if wanted != "all":
-        missing = sorted(set(st["layers"]) - set(wanted))
-        if missing:
-            _config_error(
-                "extract.layers",
-                f"stitch layers {missing} are not extracted (extract.layers: {wanted})",
-            )
+    """Cross-checks the schema cannot express (stitchcache/config_checks.py): every error at once,
+    each naming its config key. The main process also builds the stitched models on the meta device
+    (no weights read) and compares class lists; job processes re-check only the config itself."""
+    main = workflow.is_main_process
+    try:
+        check_config(cfg, models=main, data=main)
+    except ConfigErrors as e:
+        raise WorkflowError(str(e)) from None
 
 
 ##### the experiment grid #####
