@@ -169,11 +169,12 @@ def test_default_config_is_the_documented_experiment():
     assert cfg["datasets"]["fmnist"]["root"] == str(FMNIST)
     sup, ssl = cfg["models"]["sup"], cfg["models"]["ssl"]
     assert sup["pretrain"]["objective"] == "supervised" and ssl["pretrain"]["objective"] == "simclr"
-    for m, (size, patch, width) in ((sup, (32, 4, 96)), (ssl, (56, 7, 64))):
+    for m, (size, patch, width) in ((sup, (28, 7, 64)), (ssl, (56, 14, 48))):
         k = m["kwargs"]
-        assert (k["img_size"], k["patch_size"], k["embed_dim"], k["depth"]) == (size, patch, width, 4)
-        assert k["img_size"] // k["patch_size"] == 8
-    assert cfg["stitch"]["layers"] == [1, 2, 3]
+        assert (k["img_size"], k["patch_size"], k["embed_dim"], k["depth"]) == (size, patch, width, 6)
+        assert k["img_size"] // k["patch_size"] == 4
+    assert cfg["stitch"]["layers"] == [1, 3, 5]  # shallow, middle and deep stitch points
+    assert cfg["train"]["max_epochs"] >= 10 * cfg["train"]["patience"]  # early stopping, not the cap, ends runs
     assert cfg["stitch"]["methods"] == ["lfm", "ffm", "tlt", "ffm_tlt"]
     assert cfg["stitch"]["stitch_layers"] == ["mlp"]
 
