@@ -92,3 +92,22 @@ def test_two_seeds_double_the_stitch_jobs_only(tmp_path):
         lines = [l for l in proc.stdout.splitlines() if f"python -m stitchcache {stage} " in l]
         assert lines and all('"seed": 0' in l for l in lines), stage
 
+
+
+def test_plan_counts_every_seed():
+    """`stitchcache plan`: each seed trains and evaluates the grid again; extraction and probes once."""
+    from stitchcache.plan import load_config, plan
+
+    one = plan(load_config(TINY), do_measure=False)
+    cfg = load_config(TINY)
+    cfg["seeds"] = [0, 1, 2]
+    three = plan(cfg, do_measure=False)
+    assert three["stitch_jobs"] == 3 * one["stitch_jobs"]
+    assert three["jobs"]["train"] == three["jobs"]["evaluate"] == 3 * one["jobs"]["train"]
+    assert three["jobs"]["extract"] == one["jobs"]["extract"] and three["jobs"]["probe"] == one["jobs"]["probe"]
+    g1, g3 = one["gpu_hours"], three["gpu_hours"]
+    assert g3["extract"] == pytest.approx(g1["extract"]) and g3["pretrain"] == pytest.approx(g1["pretrain"])
+    for m, v in g1["train"].items():
+        assert g3["train"][m] == pytest.approx(3 * v), m
+    assert g3["evaluate"] > 2 * g1["evaluate"]  # base probes (not per seed) are part of it
+    assert three["checkpoint_bytes"] == 3 * one["checkpoint_bytes"]
