@@ -7,11 +7,13 @@ Objectives:
 
 The result is an ordinary timm state dict (``torch.save``), loaded back through the same
 ``create_backbone("timm:...", checkpoint=...)`` path a downloaded timm checkpoint takes.
-A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it.
+A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it when it
+was written for the same model spec, dataset spec and settings (else it starts from scratch).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -85,14 +87,19 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(settings.get("lr", 1e-3)),
                                                 total_steps=max(epochs * len(loader), 1), pct_start=0.15)
     partial = out.with_name(out.name + ".partial")
+    # what the partial belongs to: a job resumes only the run of its own model, data and settings
+    run_key = json.dumps({"model": model_spec, "dataset": dataset_spec, "settings": settings}, sort_keys=True)
     start = 0
     if partial.exists():
         state = torch.load(partial, map_location="cpu", weights_only=True)
-        trainable.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["epoch"])
-        log(f"resuming pretraining of {model_spec.get('name')} after epoch {start}")
+        if state.get("run_key") != run_key:
+            log(f"ignoring {partial}: it was written for other settings, model or data; pretraining from scratch")
+        else:
+            trainable.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            start = int(state["epoch"])
+            log(f"resuming pretraining of {model_spec.get('name')} after epoch {start}")
     temperature = float(settings.get("temperature", 0.2))
     np_ = bb.num_prefix_tokens
     for epoch in range(start, epochs):
@@ -119,7 +126,7 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
         log(f"pretrain {model_spec.get('name')} epoch {epoch + 1}/{epochs}: loss {total / n:.4f}{acc} "
             f"({time.time() - t0:.0f}s)")
         _atomic_save({"model": trainable.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "epoch": epoch + 1}, partial)
+                      "epoch": epoch + 1, "run_key": run_key}, partial)
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({k: v.detach().cpu() for k, v in bb.model.state_dict().items()}, out)
     partial.unlink(missing_ok=True)

@@ -29,7 +29,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # jobs of one tiny run: 2 models (both pretrained), splits train+val, pairs sup->ssl, ssl->sup plus
 # 2 self-stitches = 4 pairs, layers [1, 2], one stitch layer, 4 methods
 TINY_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
-DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1}
+# the default: the same grid at layers [1, 3, 5], run for seeds [0, 1] (probes and pretraining once)
+DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 96, "evaluate": 96, "table": 1, "plot": 1, "all": 1}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -168,11 +169,12 @@ def test_default_config_is_the_documented_experiment():
     assert cfg["datasets"]["fmnist"]["root"] == str(FMNIST)
     sup, ssl = cfg["models"]["sup"], cfg["models"]["ssl"]
     assert sup["pretrain"]["objective"] == "supervised" and ssl["pretrain"]["objective"] == "simclr"
-    for m, (size, patch, width) in ((sup, (32, 4, 96)), (ssl, (56, 7, 64))):
+    for m, (size, patch, width) in ((sup, (28, 7, 64)), (ssl, (56, 14, 48))):
         k = m["kwargs"]
-        assert (k["img_size"], k["patch_size"], k["embed_dim"], k["depth"]) == (size, patch, width, 4)
-        assert k["img_size"] // k["patch_size"] == 8
-    assert cfg["stitch"]["layers"] == [1, 2, 3]
+        assert (k["img_size"], k["patch_size"], k["embed_dim"], k["depth"]) == (size, patch, width, 6)
+        assert k["img_size"] // k["patch_size"] == 4
+    assert cfg["stitch"]["layers"] == [1, 3, 5]  # shallow, middle and deep stitch points
+    assert cfg["train"]["max_epochs"] >= 10 * cfg["train"]["patience"]  # early stopping, not the cap, ends runs
     assert cfg["stitch"]["methods"] == ["lfm", "ffm", "tlt", "ffm_tlt"]
     assert cfg["stitch"]["stitch_layers"] == ["mlp"]
 
@@ -266,7 +268,7 @@ def test_dry_run_plans_the_tiny_grid(tmp_path):
     # ffm_tlt starts from the ffm checkpoint of the same pair / layer / stitch
     assert ("--method ffm_tlt --layer 2 --stitch mlp --src-train results/features/fmnist/ssl/train.json"
             in out)
-    assert "--init results/stitch/fmnist/ssl--sup/layer2/mlp/ffm/checkpoint.pt" in out
+    assert "--init results/stitch/fmnist/ssl--sup/layer2/mlp/ffm/seed0/checkpoint.pt" in out
     assert "--method ffm --layer 1" in out and out.count("--init ") == 8  # 4 pairs x 2 layers
     # extract reads the pretrained checkpoint
     assert '"checkpoint": "results/models/ssl.pt"' in out
@@ -353,7 +355,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
     assert sorted({c[0] for c in ran}) == ["evaluate", "extract", "plot", "pretrain", "probe", "table", "train"]
     assert len(ran) == sum(TINY_JOBS.values()) - 1
     for p in ("results/table.parquet", "results/plots/distances.png", "logs/table.log",
-              "results/benchmarks/train/fmnist/sup--ssl/layer1/mlp/ffm.tsv",
+              "results/benchmarks/train/fmnist/sup--ssl/layer1/mlp/ffm/seed0.tsv",
               "results/benchmarks/extract/fmnist/sup/val.tsv", "results/benchmarks/pretrain/ssl.tsv"):
         assert (wd / p).exists(), p
     assert "Nothing to be done" in snakemake(wd, "-n", pythonpath=fake).stdout

@@ -9,6 +9,7 @@ import yaml
 
 from ..backends.check import ModelCheckError
 from ..config_checks import ConfigError, ConfigErrors
+from ..grid import stitch_seeds
 from .cost import ITEMSIZE, LABEL_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
 from .shapes import build_random_init, measure, model_shape
 
@@ -167,6 +168,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     stitches = list(st.get("stitch_layers", ["mlp"]))
     methods = list(st.get("methods", list(TRAIN_METHODS)))
     epochs = int(tr.get("max_epochs", 10)) * len(tr.get("lr_grid", [1e-3]))
+    n_seeds = len(stitch_seeds(cfg))  # every stitch trains and evaluates once per seed
     mlp_hidden = tr.get("mlp_hidden")
     rank = int(tr.get("lora_rank", 8))
     per_ds = {}
@@ -198,7 +200,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
                         if init == "lstsq" and method != "ffm_tlt":  # one pass over the training split
                             secs += Ntr * (bl_s + bl_t) / cost.read
                             lstsq_flops += 2.0 * Ntr * T["tokens"] * S["width"] * (S["width"] + T["width"])
-                        agg["train_s"][method] += secs
+                        agg["train_s"][method] += n_seeds * secs
                         agg["train_bound"][method][b_tr] = agg["train_bound"][method].get(b_tr, 0) + 1
                         # evaluation: export (tail forward over train + val), probe, head, distances
                         fwd = cost.step_forward(T, tail, extra)
@@ -208,10 +210,10 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
                         e += Nva * (bl_s + bl_t + exp_img + fin_t) / cost.read
                         if method in ("tlt", "ffm_tlt"):
                             e += Nva * exp_img / cost.read
-                        agg["eval_s"] += e
-                        agg["export_bytes"] += (Ntr + Nva) * exp_img
+                        agg["eval_s"] += n_seeds * e
+                        agg["export_bytes"] += n_seeds * (Ntr + Nva) * exp_img
                         agg["largest_export"] = max(agg["largest_export"], (Ntr + Nva) * exp_img)
-                        agg["checkpoint_bytes"] += 4 * _stitch_params(family, S, T, mlp_hidden, rank)
+                        agg["checkpoint_bytes"] += n_seeds * 4 * _stitch_params(family, S, T, mlp_hidden, rank)
         for name in used:  # base-model probes: read the final tokens of train + val
             agg["probe_s"] += (Ntr + Nva) * shapes[name]["bytes_per_layer_image"] / cost.read
         ds_rows = [r for r in rows if r["dataset"] == d]
@@ -234,7 +236,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
             views = 2 if p.get("objective") == "simclr" else 1
             pretrain_s += int(p.get("epochs", 4)) * Np * views * 3 * cost.forward(shapes[name])
 
-    n_grid = len(pairs) * len(layers_) * len(stitches) * len(methods)
+    n_grid = len(pairs) * len(layers_) * len(stitches) * len(methods) * n_seeds
     jobs = {"pretrain": sum(1 for m in used if cfg["models"][m].get("pretrain")),
             "extract": len(ds_names) * len(used) * 2, "probe": len(ds_names) * len(used),
             "train": len(ds_names) * n_grid, "evaluate": len(ds_names) * n_grid, "table": 1, "plot": 1}

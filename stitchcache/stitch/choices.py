@@ -1,7 +1,7 @@
 """The stitch-layer choices of ``stitch.stitch_layers``: a family (architecture) plus its initialisation.
 
 A choice is one name — the ``--stitch`` argument of `train`, the ``{stitch}`` wildcard and folder of
-``results/stitch/{dataset}/{src}--{tgt}/layer{l}/{stitch}/{method}/``, the ``kind`` of the stitch
+``results/stitch/{dataset}/{src}--{tgt}/layer{l}/{stitch}/{method}/seed{seed}/``, the ``kind`` of the stitch
 config in a checkpoint and the ``stitch`` field of its eval.json:
 
   ============== ======== =======  ====================================================================

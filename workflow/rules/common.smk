@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from stitchcache.config_checks import ConfigErrors, check_config
+from stitchcache.grid import STITCH_WILDCARDS, once_seed, stitch_dir, stitch_pattern, stitch_seeds
 from stitchcache.inputs import (
     concrete_model_spec,
     drop_if_stale,
@@ -41,6 +42,7 @@ wildcard_constraints:
     layer="[0-9]+",
     stitch="mlp|linear_lstsq|linear|lora",
     method="lfm|ffm|tlt|ffm_tlt",
+    seed="[0-9]+",
 
 
 def _check_config(cfg):
@@ -79,11 +81,45 @@ def stitch_datasets():
     return config["stitch"]["datasets"]
 
 
+def seeds():
+    """The seeds of every stitch (train / evaluate) job: `seeds`, else [`seed`] (stitchcache/grid.py)."""
+    return stitch_seeds(config)
+
+
+def stitch_grid():
+    """Wildcards (dict) of every evaluated stitch: dataset x pair x layer x stitch layer x method x seed."""
+    return [
+        dict(dataset=dataset, src=src, tgt=tgt, layer=layer, stitch=stitch, method=method, seed=seed)
+        for dataset in stitch_datasets()
+        for src, tgt in stitch_pairs()
+        for layer in config["stitch"]["layers"]
+        for stitch in config["stitch"]["stitch_layers"]
+        for method in config["stitch"]["methods"]
+        for seed in seeds()
+    ]
+
+
 ##### paths #####
 
-def stitch_path(name, dataset, src, tgt, layer, stitch, method):
-    """A file of one trained stitch: checkpoint.pt, train.json or eval.json."""
-    return f"results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/{name}"
+def stitch_path(name, **wildcards):
+    """A file of one trained stitch (checkpoint.pt, train.json, eval.json): pass every stitch
+    wildcard (dataset, src, tgt, layer, stitch, method, seed), e.g. **dict(wildcards.items())."""
+    return f"results/stitch/{stitch_dir(**wildcards)}/{name}"
+
+
+def stitch_output(name):
+    """Rule output / input pattern of a stitch file (wildcards in braces)."""
+    return f"results/stitch/{stitch_pattern()}/{name}"
+
+
+def stitch_log(stage):
+    """train / evaluate: log file pattern."""
+    return f"logs/{stage}/{stitch_pattern()}.log"
+
+
+def stitch_benchmark(stage):
+    """train / evaluate: benchmark TSV pattern."""
+    return f"results/benchmarks/{stage}/{stitch_pattern()}.tsv"
 
 
 def output_dir(wildcards, output):
@@ -170,7 +206,11 @@ def ffm_init_input(wildcards):
     """train: ffm_tlt starts from the ffm checkpoint of the same pair/layer/stitch."""
     if wildcards.method != "ffm_tlt":
         return []
-    return [stitch_path("checkpoint.pt", **{**dict(wildcards.items()), "method": "ffm"})]
+    return [stitch_path("checkpoint.pt", **{**_stitch_wildcards(wildcards), "method": "ffm"})]
+
+
+def _stitch_wildcards(wildcards):
+    return {w: wildcards[w] for w in STITCH_WILDCARDS}
 
 
 def init_arg(wildcards, input):
@@ -178,14 +218,7 @@ def init_arg(wildcards, input):
 
 
 def all_evals():
-    return [
-        stitch_path("eval.json", dataset=dataset, src=src, tgt=tgt, layer=layer, stitch=stitch, method=method)
-        for dataset in stitch_datasets()
-        for src, tgt in stitch_pairs()
-        for layer in config["stitch"]["layers"]
-        for stitch in config["stitch"]["stitch_layers"]
-        for method in config["stitch"]["methods"]
-    ]
+    return [stitch_path("eval.json", **w) for w in stitch_grid()]
 
 
 def all_probes():
@@ -206,8 +239,10 @@ def all_targets():
 ##### params: JSON handed to the CLI (exactly the config the stage depends on) #####
 
 
-def _settings(section):
-    return json.dumps({**section, "seed": config["seed"], "device": config["device"]}, sort_keys=True)
+def _settings(section, seed=None):
+    """A config section plus seed (default: `seed`, the seed of the once-per-model stages) and device."""
+    seed = once_seed(config) if seed is None else int(seed)
+    return json.dumps({**section, "seed": seed, "device": config["device"]}, sort_keys=True)
 
 
 def _dataset_spec(name, split):
@@ -251,12 +286,13 @@ def probe_settings_param(wildcards):
 
 
 def train_settings_param(wildcards):
-    return _settings(config["train"])
+    """The train section with the job's own seed (wildcard)."""
+    return _settings(config["train"], seed=wildcards.seed)
 
 
 def evaluate_settings_param(wildcards):
     return json.dumps({"probe": config["probe"], "keep_exports": config["evaluate"]["keep_exports"],
-                       "seed": config["seed"], "device": config["device"]}, sort_keys=True)
+                       "seed": int(wildcards.seed), "device": config["device"]}, sort_keys=True)
 
 
 def cache_root():

@@ -27,17 +27,17 @@ rule probe:
 
 rule evaluate:
     input:
-        checkpoint="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/checkpoint.pt",
+        checkpoint=stitch_output("checkpoint.pt"),
         src_train=features("src", "train"),
         src_val=features("src", "val"),
         tgt_train=features("tgt", "train"),
         tgt_val=features("tgt", "val"),
     output:
-        evaluation="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/eval.json",
+        evaluation=stitch_output("eval.json"),
     log:
-        "logs/evaluate/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.log",
+        stitch_log("evaluate"),
     benchmark:
-        "results/benchmarks/evaluate/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.tsv"
+        stitch_benchmark("evaluate")
     params:
         settings=evaluate_settings_param,
         cache_root=cache_root(),

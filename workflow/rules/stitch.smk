@@ -1,6 +1,7 @@
-# Train one stitch layer per dataset x (source, target) x layer x stitch layer x method.
+# Train one stitch layer per dataset x (source, target) x layer x stitch layer x method x seed.
 # lfm reads the cache only; ffm / tlt / ffm_tlt run the frozen target tail (gpu=1);
-# ffm_tlt starts from the ffm checkpoint of the same pair, layer and stitch layer.
+# ffm_tlt starts from the ffm checkpoint of the same pair, layer, stitch layer and seed.
+# Paths come from stitch_output / stitch_log / stitch_benchmark (common.smk, stitchcache/grid.py).
 
 
 rule train:
@@ -11,12 +12,12 @@ rule train:
         tgt_val=features("tgt", "val"),
         init=ffm_init_input,
     output:
-        checkpoint="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/checkpoint.pt",
-        metrics="results/stitch/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}/train.json",
+        checkpoint=stitch_output("checkpoint.pt"),
+        metrics=stitch_output("train.json"),
     log:
-        "logs/train/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.log",
+        stitch_log("train"),
     benchmark:
-        "results/benchmarks/train/{dataset}/{src}--{tgt}/layer{layer}/{stitch}/{method}.tsv"
+        stitch_benchmark("train")
     params:
         settings=train_settings_param,
         init=init_arg,

@@ -1,0 +1,61 @@
+"""pretrain: a `.partial` checkpoint resumes a killed job only when it was written for the same
+model, data and settings (a changed config must not continue someone else's run)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FMNIST
+from stitchcache import pretrain as pretrain_mod
+
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+
+SPEC = {"name": "m", "backbone": "timm:vit_small_patch16_224", "checkpoint": None,
+        "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+DATA = {"name": "fmnist", "type": "fashion_mnist", "root": str(FMNIST),
+        "splits": {"pretrain": {"source": "train", "start": 0, "count": 64}}}
+SETTINGS = {"objective": "supervised", "split": "pretrain", "epochs": 1, "lr": 0.001, "batch_size": 32,
+            "num_workers": 0, "seed": 0, "device": "cpu"}
+
+
+class Killed(Exception):
+    pass
+
+
+def _killed_before_the_final_save(monkeypatch, out, settings):
+    """Run pretraining until its last `.partial` is written, then die before writing `out`."""
+    real = pretrain_mod._atomic_save
+
+    def save(obj, path):
+        if path == out:
+            raise Killed
+        real(obj, path)
+
+    monkeypatch.setattr(pretrain_mod, "_atomic_save", save)
+    with pytest.raises(Killed):
+        pretrain_mod.pretrain(SPEC, DATA, settings, out)
+    monkeypatch.setattr(pretrain_mod, "_atomic_save", real)
+    assert out.with_name(out.name + ".partial").exists() and not out.exists()
+
+
+def test_partial_of_the_same_settings_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m.pt"
+    _killed_before_the_final_save(monkeypatch, out, SETTINGS)
+    capsys.readouterr()
+    pretrain_mod.pretrain(SPEC, DATA, SETTINGS, out)
+    err = capsys.readouterr().err
+    assert "resuming pretraining of m after epoch 1" in err and "epoch 1/1: loss" not in err
+    assert out.exists() and not out.with_name("m.pt.partial").exists()
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.01}, {"epochs": 2}, {"seed": 1}])
+def test_partial_of_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys, change):
+    out = tmp_path / "m.pt"
+    _killed_before_the_final_save(monkeypatch, out, SETTINGS)
+    capsys.readouterr()
+    pretrain_mod.pretrain(SPEC, DATA, {**SETTINGS, **change}, out)
+    err = capsys.readouterr().err
+    assert "resuming" not in err and "was written for other settings" in err
+    assert f"epoch 1/{change.get('epochs', 1)}: loss" in err  # trained from scratch
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    assert any(k.startswith("blocks.1.") for k in state)
