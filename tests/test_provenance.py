@@ -1,0 +1,105 @@
+"""Partials and results carry what produced them; anything stale is discarded or refused, loudly."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pytest
+
+from stitchcache import provenance
+from stitchcache.train import FitConfig, fit
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _problem(stop_at_epoch: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.randn(4, 2, generator=g)
+
+    def build():
+        return nn.Linear(4, 2)
+
+    def batches(epoch_seed):
+        if stop_at_epoch is not None and epoch_seed == stop_at_epoch:
+            raise Interrupt  # the job is killed before this epoch
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(epoch_seed))
+        return [(x[perm[i:i + 16]], y[perm[i:i + 16]]) for i in range(0, 64, 16)]
+
+    def loss_fn(m, b):
+        return ((m(b[0]) - b[1]) ** 2).mean()
+
+    def val_loss(m):
+        return float(loss_fn(m, (x, y)))
+
+    return build, batches, loss_fn, val_loss
+
+
+def _fit(grid, partial, stop_at_epoch=None, fingerprint=None, epochs=3):
+    build, batches, loss_fn, val_loss = _problem(stop_at_epoch)
+    cfg = FitConfig(lr_grid=grid, max_epochs=epochs, patience=10)
+    return fit(build, batches, loss_fn, val_loss, cfg, torch.device("cpu"), partial=partial, desc="t",
+               fingerprint=fingerprint)
+
+
+def _same(a, b):
+    return a.lr == b.lr and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_partial_resumes_when_nothing_changed(tmp_path, capsys):
+    partial = tmp_path / "c.partial"
+    with pytest.raises(Interrupt):
+        _fit([1e-2], partial, stop_at_epoch=1)
+    assert partial.exists()
+    resumed = _fit([1e-2], partial)
+    assert "resuming lr=0.01 after epoch 1" in capsys.readouterr().err
+    assert _same(resumed, _fit([1e-2], None))
+
+
+def test_partial_of_another_lr_grid_is_discarded(tmp_path, capsys):
+    partial = tmp_path / "c.partial"
+    with pytest.raises(Interrupt):
+        _fit([1e-2], partial, stop_at_epoch=1)
+    res = _fit([1e-1], partial)  # same grid index 0, another learning rate
+    err = capsys.readouterr().err
+    assert "discarding t partial checkpoint" in err and "fit config" in err and "resuming" not in err
+    assert _same(res, _fit([1e-1], None))  # trained at 0.1 from scratch, not 0.01's optimizer
+
+
+def test_finished_grid_point_of_another_grid_is_not_reused(tmp_path, capsys):
+    partial = tmp_path / "c.partial"
+    _fit([1e-2], partial)  # finished: the partial holds the result of lr=0.01 at index 0
+    res = _fit([1e-1, 1e-2], partial)
+    assert "discarding" in capsys.readouterr().err
+    fresh = _fit([1e-1, 1e-2], None)
+    assert _same(res, fresh) and [h["lr"] for h in res.history] == [h["lr"] for h in fresh.history]
+
+
+def test_partial_of_other_settings_or_inputs_is_discarded(tmp_path, capsys):
+    partial = tmp_path / "c.partial"
+    old = provenance.fingerprint({"pool": "mean"}, inputs={"src_train": "key-a"})
+    with pytest.raises(Interrupt):
+        _fit([1e-2], partial, stop_at_epoch=1, fingerprint=old)
+    new = provenance.fingerprint({"pool": "mean"}, inputs={"src_train": "key-b"})
+    _fit([1e-2], partial, fingerprint=new)
+    err = capsys.readouterr().err
+    assert "discarding" in err and "inputs.src_train" in err and "resuming" not in err
+
+
+def test_partial_without_a_fingerprint_is_discarded(tmp_path, capsys):
+    partial = tmp_path / "c.partial"
+    torch.save({"results": [], "current": {"lr_index": 0}}, partial)  # written before fingerprints existed
+    _fit([1e-2], partial)
+    assert "discarding" in capsys.readouterr().err
+
+
+def test_check_names_what_differs():
+    a = provenance.fingerprint({"max_epochs": 2, "lr_grid": [0.001]})
+    b = provenance.fingerprint({"max_epochs": 3, "lr_grid": [0.001]})
+    provenance.check(a, a, "x")
+    with pytest.raises(SystemExit, match=r"results/x.*settings.max_epochs: 2 there, 3 asked"):
+        provenance.check(a, b, "results/x")
+    with pytest.raises(SystemExit, match="settings"):
+        provenance.check(None, b, "results/x")
