@@ -103,3 +103,71 @@ def test_check_names_what_differs():
         provenance.check(a, b, "results/x")
     with pytest.raises(SystemExit, match="settings"):
         provenance.check(None, b, "results/x")
+
+
+# ---- the train stage records its fingerprint; evaluate and table refuse other settings -------
+import json  # noqa: E402
+
+from conftest import extract_records, tiny_vit  # noqa: E402
+from stitchcache.cli import main as cli  # noqa: E402
+
+SETTINGS = {"max_epochs": 1, "patience": 1, "lr_grid": [3e-3], "batch_size": 16, "lfm_batch_size": 16,
+            "seed": 0, "device": "cpu"}
+
+
+@pytest.fixture
+def trained(tmp_path, image_folder):
+    specs = {"a": {"name": "a", **tiny_vit(width=32)}, "b": {"name": "b", **tiny_vit(width=48, img=64, patch=8)}}
+    recs = extract_records(specs, image_folder, tmp_path)
+    out = tmp_path / "ffm.pt"
+    roles = ["--src-train", recs["a", "train"], "--src-val", recs["a", "val"],
+             "--tgt-train", recs["b", "train"], "--tgt-val", recs["b", "val"]]
+    assert cli(["train", "--method", "ffm", "--layer", "1", "--stitch", "linear", *roles,
+                "--settings", json.dumps(SETTINGS), "--out", str(out), "--metrics", str(tmp_path / "train.json")]) == 0
+    return out, roles, tmp_path
+
+
+def _evaluate(ckpt, roles, tmp_path, train_settings, out="eval.json"):
+    settings = {"probe": {"max_epochs": 1, "patience": 1, "lr_grid": [0.01], "batch_size": 16}, "seed": 0,
+                "device": "cpu", "train": train_settings}
+    return cli(["evaluate", "--checkpoint", str(ckpt), *roles, "--cache-root", str(tmp_path / "cache"),
+                "--settings", json.dumps(settings), "--out", str(tmp_path / out)])
+
+
+def test_results_carry_their_settings_and_consumers_refuse_others(trained):
+    ckpt, roles, tmp_path = trained
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    fp = metrics["provenance"]
+    assert fp["settings"] == SETTINGS and fp["inputs"]["method"] == "ffm" and fp["code"]
+    assert set(fp["inputs"]) >= {"src_train", "src_val", "tgt_train", "tgt_val"}
+    assert torch.load(ckpt, weights_only=True)["train"]["provenance"] == fp
+    assert not ckpt.with_name(ckpt.name + ".partial").exists()
+
+    # evaluate: the checkpoint of max_epochs 1 is refused when max_epochs 2 is asked
+    with pytest.raises(SystemExit, match=r"ffm.pt.*other settings.*settings.max_epochs: 1 there, 2 asked"):
+        _evaluate(ckpt, roles, tmp_path, {**SETTINGS, "max_epochs": 2})
+    assert _evaluate(ckpt, roles, tmp_path, SETTINGS) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["train_provenance"] == fp
+
+    # table: results of other train settings are refused, naming the file
+    probe_settings = {"max_epochs": 1, "patience": 1, "lr_grid": [0.01], "batch_size": 16}
+    table = ["table", "--evals", str(tmp_path / "eval.json"), "--out-dir", str(tmp_path / "t")]
+    asked = {"train": SETTINGS, "probe": probe_settings}
+    assert cli([*table, "--settings", json.dumps(asked)]) == 0
+    with pytest.raises(SystemExit, match=r"(?s)1 result\(s\).*eval.json: settings.lr_grid"):
+        cli([*table, "--settings", json.dumps({**asked, "train": {**SETTINGS, "lr_grid": [1e-2]}})])
+    # an eval.json written before results carried their settings is refused too
+    old = {k: v for k, v in ev.items() if k != "train_provenance"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="old.json: missing"):
+        cli(["table", "--evals", str(tmp_path / "old.json"), "--out-dir", str(tmp_path / "t"),
+             "--settings", json.dumps(asked)])
+
+
+def test_evaluate_refuses_a_checkpoint_trained_on_other_stores(trained):
+    ckpt, roles, tmp_path = trained
+    swapped = list(roles)
+    swapped[1], swapped[5] = roles[5], roles[1]  # src-train <-> tgt-train
+    with pytest.raises(SystemExit, match="inputs.src_train"):
+        _evaluate(ckpt, swapped, tmp_path, SETTINGS)

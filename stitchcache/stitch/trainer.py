@@ -88,7 +88,7 @@ def train_stitch(job: TrainJob) -> int:
     method, l = job.method, int(job.layer)
     (st_rec, st), (sv_rec, sv) = _record(job.src_train), _record(job.src_val)
     (tt_rec, tt), (tv_rec, tv) = _record(job.tgt_train), _record(job.tgt_val)
-    fp = train_fingerprint(args, {"src_train": st_rec, "src_val": sv_rec, "tgt_train": tt_rec, "tgt_val": tv_rec})
+    fp = train_fingerprint(job, {"src_train": st_rec, "src_val": sv_rec, "tgt_train": tt_rec, "tgt_val": tv_rec})
     check_aligned(st_rec, tt_rec, "train split")
     check_aligned(sv_rec, tv_rec, "val split")
     sf, tf = st_rec["facts"], tt_rec["facts"]
