@@ -84,3 +84,18 @@ def test_timm_classifier_in_the_file_is_not_an_error(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), full.model.forward_features(x), rtol=0, atol=0)
+
+
+def test_open_clip_says_nothing_about_random_init_when_weights_load(oc_paths, tmp_path, caplog):
+    import logging
+
+    bb = _make("open_clip-vit", oc_paths)
+    name, ckpt, kwargs = _save(bb, "open_clip-vit", tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_backbone(name.format(**oc_paths), checkpoint=ckpt, **kwargs)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # random init: then the library's line is true, and kept
+        create_backbone(name.format(**oc_paths), **kwargs)
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]

@@ -20,8 +20,10 @@ Weights always come from a local file (``checkpoint=``), loaded with ``weights_o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -124,6 +126,21 @@ def _load_visual_weights(visual: torch.nn.Module, path: Path, what: str, strict:
                  ignore_missing=lambda k: k == "proj" or k.startswith("head.") or ".head." in k)
 
 
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool):
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "initialized randomly" not in record.getMessage()
+
+    root, f = logging.getLogger(), _Drop()
+    if active:
+        root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def _resolve_arch(arch: str, kwargs: dict) -> tuple[str, dict, Path | None]:
     """-> (open_clip model name to create, extra create_model kwargs, directory with weights or None)."""
     import open_clip
@@ -192,9 +209,12 @@ def build(arch: str, checkpoint: str | None = None, strict: bool = True, **kwarg
             path = found[0]
             spec["checkpoint"] = str(path)
 
-    model = open_clip.create_model(
-        name, pretrained=None, load_weights=False, force_preprocess_cfg=force_pp or None, **extra, **kwargs
-    )
+    # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None; with
+    # a checkpoint that is false (its image tower is loaded below, strictly), so the line is dropped
+    with _without_random_init_warning(path is not None):
+        model = open_clip.create_model(
+            name, pretrained=None, load_weights=False, force_preprocess_cfg=force_pp or None, **extra, **kwargs
+        )
     visual = model.visual
     del model  # the text tower is not needed
     if path is not None:
