@@ -35,11 +35,17 @@ class StitchedTail(nn.Module):
 
 
 class StitchedModel(nn.Module):
-    """images -> final tokens; ``head`` (if trained) gives logits via ``classify``."""
+    """images -> final tokens; ``head`` (if trained) gives logits via ``classify``.
+
+    The input is what the *source* model expects: ``preprocess`` (size, resize, mean, std,
+    interpolation, channels: ``backends.Preprocess``) describes it and ``transform`` (PIL image ->
+    (C, H, W) tensor) makes it, exactly as extraction did for the cached features it was trained on."""
 
     def __init__(self, source: Backbone, tail: StitchedTail, head: Head | None = None):
         super().__init__()
         self.source, self.tail, self.head = source, tail, head
+        self.preprocess = source.preprocess
+        self.transform = source.preprocess.transform()
 
     def forward(self, pixels):
         h = self.source.forward_layers(pixels, [self.tail.layer])[self.tail.layer]
