@@ -171,3 +171,37 @@ def test_evaluate_refuses_a_checkpoint_trained_on_other_stores(trained):
     swapped[1], swapped[5] = roles[5], roles[1]  # src-train <-> tgt-train
     with pytest.raises(SystemExit, match="inputs.src_train"):
         _evaluate(ckpt, swapped, tmp_path, SETTINGS)
+
+
+# ---- pretraining partials -------------------------------------------------------------------
+def test_pretrain_partial_resumes_only_under_the_same_settings(tmp_path, image_folder, monkeypatch, capsys):
+    import stitchcache.pretrain as pre
+
+    spec = {"name": "m", **tiny_vit(width=32)}
+    ds = {**image_folder, "splits": {"pretrain": {"start": 0, "count": 32}}}
+    settings = {"objective": "supervised", "split": "pretrain", "epochs": 2, "batch_size": 16, "lr": 1e-3,
+                "num_workers": 0, "device": "cpu", "seed": 0}
+    out = tmp_path / "m.pt"
+    real_save = pre._atomic_save
+
+    def killed_after_first_epoch(obj, path):
+        real_save(obj, path)
+        raise Interrupt
+
+    monkeypatch.setattr(pre, "_atomic_save", killed_after_first_epoch)
+    with pytest.raises(Interrupt):
+        pre.pretrain(spec, ds, settings, out)
+    monkeypatch.setattr(pre, "_atomic_save", real_save)
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists()
+    saved = partial.read_bytes()
+
+    pre.pretrain(spec, ds, {**settings, "lr": 1e-2}, out)  # another lr: start afresh
+    err = capsys.readouterr().err
+    assert "discarding pretraining partial" in err and "settings.lr" in err and "resuming" not in err
+    assert "epoch 1/2" in err and out.exists()
+
+    partial.write_bytes(saved)
+    pre.pretrain(spec, ds, settings, out)  # the same settings: resumed after epoch 1
+    err = capsys.readouterr().err
+    assert "resuming pretraining of m after epoch 1" in err and "discarding" not in err
