@@ -2,7 +2,8 @@
 
 AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
 (``patience``) on the validation loss; the grid point with the best validation loss wins.
-A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it.
+A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it only if
+it was started with exactly the same fingerprint and fit config (else it is discarded, logged).
 bf16 autocast on CUDA, fp32 on CPU. Seeded.
 """
 from __future__ import annotations

@@ -99,3 +99,21 @@ def test_open_clip_says_nothing_about_random_init_when_weights_load(oc_paths, tm
     with caplog.at_level(logging.WARNING):  # random init: then the library's line is true, and kept
         create_backbone(name.format(**oc_paths), **kwargs)
     assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_config_strict_load_reaches_the_job_time_loader(tmp_path):
+    """models.<name>.strict_load: false (schema default true) -> the spec extract builds from."""
+    from stitchcache.extract import model_from_spec
+    from stitchcache.inputs import concrete_model_spec
+
+    four = create_backbone("timm:vit_small_patch16_224", **{**TINY_TIMM, "depth": 4})
+    path = tmp_path / "four.pt"
+    torch.save(four.model.state_dict(), path)
+    entry = {"backbone": "timm:vit_small_patch16_224", "kwargs": {**TINY_TIMM, "depth": 3}, "checkpoint": str(path)}
+    spec = concrete_model_spec("m", {**entry, "strict_load": True})
+    assert "strict_load" not in spec  # the default leaves specs (and every key made from them) as they were
+    with pytest.raises(WeightsMismatch, match="blocks.3"):
+        model_from_spec(spec)
+    spec = concrete_model_spec("m", {**entry, "strict_load": False})
+    assert spec["strict_load"] is False
+    assert model_from_spec(spec).depth == 3
