@@ -22,4 +22,17 @@ def load_stitched(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "create_backbone", "load_stitched", "open_store"]
+def find_store(config, dataset: str, model: str, split: str, workdir=None):
+    """The feature store the workflow made for (dataset, model, split) under ``config`` (results.py)."""
+    from .results import find_store as _find
+
+    return _find(config, dataset, model, split, workdir=workdir)
+
+
+def record_path(config, dataset: str, model: str, split: str, workdir=None):
+    from .results import record_path as _record_path
+
+    return _record_path(config, dataset, model, split, workdir=workdir)
+
+
+__all__ = ["__version__", "create_backbone", "find_store", "load_stitched", "open_store", "record_path"]

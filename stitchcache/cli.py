@@ -14,7 +14,7 @@ COMMANDS = {
     "pretrain": ("stitchcache.pretrain", "configure_parser", "main", "train a small demo encoder (supervised or SimCLR)"),
     "extract": ("stitchcache.extract", "configure_parser", "main", "capture every layer's tokens into a feature store"),
     "probe": ("stitchcache.evaluate.probe", "configure_parser", "main", "linear probe on a base model's final tokens"),
-    "train": ("stitchcache.train", "configure_parser", "main", "train a stitch layer (lfm, ffm, tlt, ffm_tlt)"),
+    "train": ("stitchcache.stitch.trainer", "configure_parser", "main", "train a stitch layer (lfm, ffm, tlt, ffm_tlt)"),
     "evaluate": ("stitchcache.evaluate.stitched", "configure_parser", "main", "evaluate a trained stitch"),
     "table": ("stitchcache.report.cli", "configure_table_parser", "run_table", "results table (Parquet, CSV, Markdown)"),
     "plan": ("stitchcache.plan", "configure_parser", "main", "bytes and time an experiment will need, before any work"),

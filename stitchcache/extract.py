@@ -49,7 +49,7 @@ def model_from_spec(model_spec: dict):
     ckpt = model_spec.get("checkpoint")
     if ckpt is not None:
         ckpt = str(Path(ckpt).expanduser().resolve())
-    return create_backbone(model_spec["backbone"], checkpoint=ckpt,
+    return create_backbone(model_spec["backbone"], checkpoint=ckpt, strict_load=model_spec.get("strict_load", True),
                            **(model_spec.get("kwargs") or {}))
 
 

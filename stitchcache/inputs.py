@@ -61,7 +61,10 @@ def concrete_model_spec(name: str, model: dict, weights_root: str | None = None,
         resolved = resolve_model({"name": backbone, "checkpoint": ckpt, "kwargs": kwargs},
                                  weights_root=weights_root, require_weights=False)
         backbone, ckpt, kwargs = resolved["name"], resolved["checkpoint"], resolved["kwargs"]
-    return {"name": name, "backbone": backbone, "kwargs": kwargs, "checkpoint": ckpt}
+    spec = {"name": name, "backbone": backbone, "kwargs": kwargs, "checkpoint": ckpt}
+    if model.get("strict_load", True) is False:  # the opt-out for intended partial loads
+        spec["strict_load"] = False
+    return spec
 
 
 def weights_hint(model: dict, path: str) -> str:

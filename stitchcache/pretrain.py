@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .backends import create_backbone
 from .data import open_split
+from .provenance import code_digest, differs, fingerprint
 from .runtime import json_arg, log, pick_device, seed_everything, set_threads
 
 OBJECTIVES = ("supervised", "simclr")
@@ -87,19 +88,21 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(settings.get("lr", 1e-3)),
                                                 total_steps=max(epochs * len(loader), 1), pct_start=0.15)
     partial = out.with_name(out.name + ".partial")
-    # what the partial belongs to: a job resumes only the run of its own model, data and settings
-    run_key = json.dumps({"model": model_spec, "dataset": dataset_spec, "settings": settings}, sort_keys=True)
     start = 0
-    if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
-        if state.get("run_key") != run_key:
-            log(f"ignoring {partial}: it was written for other settings, model or data; pretraining from scratch")
-        else:
-            trainable.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            start = int(state["epoch"])
-            log(f"resuming pretraining of {model_spec.get('name')} after epoch {start}")
+    # what this run is started with; a partial started with anything else is discarded, not resumed
+    fp = fingerprint(settings, inputs={"model": model_spec, "dataset": dataset_spec},
+                     code=code_digest("stitchcache.pretrain"))
+    state = torch.load(partial, map_location="cpu", weights_only=True) if partial.exists() else None
+    if state is not None and differs(state.get("fingerprint"), fp,
+                                     f"pretraining partial checkpoint {str(partial)!r}"):
+        partial.unlink()
+        state = None
+    if state is not None:
+        trainable.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["epoch"])
+        log(f"resuming pretraining of {model_spec.get('name')} after epoch {start}")
     temperature = float(settings.get("temperature", 0.2))
     np_ = bb.num_prefix_tokens
     for epoch in range(start, epochs):
@@ -126,7 +129,7 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
         log(f"pretrain {model_spec.get('name')} epoch {epoch + 1}/{epochs}: loss {total / n:.4f}{acc} "
             f"({time.time() - t0:.0f}s)")
         _atomic_save({"model": trainable.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "epoch": epoch + 1, "run_key": run_key}, partial)
+                      "epoch": epoch + 1, "fingerprint": fp}, partial)
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({k: v.detach().cpu() for k, v in bb.model.state_dict().items()}, out)
     partial.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Downstream tasks: the head, loss and metric of classification and of semantic segmentation.
 
-classification  labels (N,) int64.  Head: linear on pooled final tokens (stitch/model.py ``Head``).
+classification  labels (N,) int64.  Head (``Head``): linear on pooled final tokens.
                 Loss: cross-entropy. Metric: ``accuracy``.
 segmentation    labels (N, H, W) uint8 masks at the model's input size, ``ignore_index`` (255) for
                 unlabelled pixels. Head (``SegHead``): one linear map per patch token (prefix tokens
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache.loader import iter_batches, pool_tokens
 from .data.base import CLASSIFICATION, IGNORE_INDEX, SEGMENTATION
 
 TASKS = (CLASSIFICATION, SEGMENTATION)
@@ -47,6 +48,18 @@ def store_grid(store, num_prefix: int | None = None) -> tuple[int, int]:
         return int(grid[0]), int(grid[1])
     raise ValueError(f"feature store {store.path} records no token grid (attribute `grid` or `model.grid`); "
                      "a segmentation head needs it")
+
+
+class Head(nn.Module):
+    """Linear classifier on pooled final tokens (TLT's head; also the linear probe)."""
+
+    def __init__(self, width: int, num_classes: int, num_prefix: int, pool: str = "mean"):
+        super().__init__()
+        self.config = {"width": width, "num_classes": num_classes, "num_prefix": num_prefix, "pool": pool}
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, z):  # (B, T, D) -> (B, C)
+        return self.fc(pool_tokens(z, self.config["num_prefix"], self.config["pool"]))
 
 
 class SegHead(nn.Module):
@@ -88,8 +101,6 @@ def make_head(cfg: dict) -> nn.Module:
     if cfg.get("task", CLASSIFICATION) == SEGMENTATION:
         return SegHead(cfg["width"], cfg["num_classes"], cfg["num_prefix"], cfg["grid"],
                        cfg.get("ignore_index", IGNORE_INDEX))
-    from .stitch.model import Head
-
     return Head(cfg["width"], cfg["num_classes"], cfg["num_prefix"], cfg.get("pool", "mean"))
 
 
@@ -189,8 +200,6 @@ def head_metrics(head: nn.Module, batches, device, info: dict) -> dict:
 
 def channel_stats(array, num_prefix: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std over every patch token of a (N, T, D) token array, streamed."""
-    from .cache import iter_batches
-
     s = s2 = None
     n = 0
     for (z,) in iter_batches([array], batch_size):

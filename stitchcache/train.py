@@ -2,12 +2,13 @@
 
 AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
 (``patience``) on the validation loss; the grid point with the best validation loss wins.
-A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it.
+A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it only if
+it was started with exactly the same fingerprint and fit config (else it is discarded, logged).
 bf16 autocast on CUDA, fp32 on CPU. Seeded.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .provenance import differs
 from .runtime import autocast, log
 
 
@@ -46,10 +48,16 @@ class FitResult:
 
 
 def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss_fn: Callable, val_loss: Callable,
-        cfg: FitConfig, device: torch.device, partial: str | os.PathLike | None = None, desc: str = "") -> FitResult:
+        cfg: FitConfig, device: torch.device, partial: str | os.PathLike | None = None, desc: str = "",
+        fingerprint: dict | None = None) -> FitResult:
     """build(): a freshly initialised trainable module; batches(epoch): the epoch's batches;
-    loss_fn(module, batch) -> scalar; val_loss(module) -> float (no grad)."""
-    state = _load_partial(partial)
+    loss_fn(module, batch) -> scalar; val_loss(module) -> float (no grad).
+
+    ``partial`` records ``fingerprint`` (what the run was started with: settings, inputs, init, code;
+    see provenance.py) and the fit config; a partial whose record differs in anything is discarded
+    with a log line, never resumed (finished grid points included)."""
+    fingerprint = {**(fingerprint or {}), "fit": dataclasses.asdict(cfg)}
+    state = _load_partial(partial, fingerprint, desc)
     results = state["results"] if state else []
     for li, lr in enumerate(cfg.lr_grid):
         if li < len(results):
@@ -59,7 +67,7 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         run = {"lr": lr, "epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad": 0, "best_state": None, "history": []}
-        if state and state.get("current", {}).get("lr_index") == li:
+        if state and state.get("current", {}).get("lr_index") == li and state["current"].get("lr") == lr:
             cur = state["current"]
             module.load_state_dict(cur["state"])
             opt.load_state_dict(cur["opt"])
@@ -91,21 +99,32 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
             else:
                 run["bad"] += 1
             log(f"{desc} lr={lr:g} epoch {epoch + 1}: train {total / max(n, 1):.4g} val {v:.4g}")
-            _save_partial(partial, {"results": results, "current": {
-                "lr_index": li, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})
+            _save_partial(partial, {"fingerprint": fingerprint, "results": results, "current": {
+                "lr_index": li, "lr": lr, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})
         results.append({"lr": lr, "val_loss": run["best_val"], "epochs": run["best_epoch"],
                         "state": run["best_state"], "history": run["history"]})
-        _save_partial(partial, {"results": results})
+        _save_partial(partial, {"fingerprint": fingerprint, "results": results})
     best = min(results, key=lambda r: r["val_loss"])
     history = [{"lr": r["lr"], **h} for r in results for h in r["history"]]
     return FitResult(state=best["state"], lr=best["lr"], epochs=best["epochs"], val_loss=best["val_loss"],
                      history=history)
 
 
-def _load_partial(path):
+def _load_partial(path, fingerprint: dict, desc: str):
     if path is None or not Path(path).exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    recorded = state.get("fingerprint") if isinstance(state, dict) else None
+    if recorded != fingerprint:
+        what = f"{desc} partial checkpoint {str(path)!r}".strip()
+        if recorded and recorded.get("fit") != fingerprint["fit"]:
+            log(f"discarding {what}: it was started with another fit config "
+                f"({recorded.get('fit')} there, {fingerprint['fit']} now)")
+        else:
+            differs(recorded, fingerprint, what)
+        Path(path).unlink()
+        return None
+    return state
 
 
 def _save_partial(path, obj):
@@ -123,26 +142,3 @@ def mean_over(batches: Iterable, fn: Callable) -> float:
         total += float(fn(batch)) * len(batch[0])
         n += len(batch[0])
     return total / max(n, 1)
-
-
-# ---- the `train` subcommand -------------------------------------------------------------------
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    from .stitch.layers import STITCH_LAYERS
-    from .stitch.losses import METHODS
-
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--layer", required=True, type=int)
-    p.add_argument("--stitch", required=True, choices=sorted(STITCH_LAYERS),
-                   help="stitch layer choice: family + init (linear_lstsq: linear, least-squares init)")
-    for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
-        p.add_argument(f"--{name}", required=True, help="feature record JSON")
-    p.add_argument("--init", help="checkpoint to start from (ffm_tlt: the FFM checkpoint)")
-    p.add_argument("--settings", default="{}", help="JSON: the train section plus seed/device")
-    p.add_argument("--out", required=True, help="checkpoint to write")
-    p.add_argument("--metrics", required=True, help="training summary JSON to write")
-
-
-def main(args) -> int:
-    from .stitch.trainer import train_stitch
-
-    return train_stitch(args)

@@ -10,7 +10,7 @@ import importlib
 import torch
 
 from .base import Backbone, BackboneFacts, Preprocess
-from .weights import WeightsNotFound, weights_digest
+from .weights import WeightsMismatch, WeightsNotFound, weights_digest
 
 # library prefix -> module holding ``build(arch, checkpoint=None, **kwargs) -> Backbone``
 _LIBRARIES = {
@@ -40,11 +40,16 @@ def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backb
       ('dinov2-l14', 'clip-l14@open_clip', ... see ``registry.list_models()``; its weights are looked up
       under ``weights_root=`` / $STITCHCACHE_WEIGHTS unless ``checkpoint`` is given).
     checkpoint: local weights file (or directory); None builds random-init weights (tests).
-    kwargs: passed to the library's own constructor (e.g. a tiny config: depth=2, embed_dim=32).
+    kwargs: passed to the library's own constructor (e.g. a tiny config: depth=2, embed_dim=32),
+      except ``strict_load`` (default True): weights load strictly, a missing, unexpected or
+      shape-mismatched tensor stops with an error naming the model, the file and the first keys;
+      ``strict_load=False`` is the opt-out for intended partial loads (what did not fit is logged).
     """
     from .registry import is_registered, resolve_model
 
     weights_root = kwargs.pop("weights_root", None)
+    # strict_load=False: the opt-out for intended partial loads (missing/unexpected keys are logged)
+    strict = bool(kwargs.pop("strict_load", True))
     if is_registered(name):
         spec = resolve_model({"name": name, "checkpoint": checkpoint, "kwargs": kwargs}, weights_root=weights_root)
         name, checkpoint, kwargs = spec["name"], spec["checkpoint"], spec["kwargs"]
@@ -55,9 +60,11 @@ def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backb
         # (its cache key says "random-init", and that must not mix different weights)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            bb = module.build(arch, checkpoint=checkpoint, **kwargs)
+            bb = module.build(arch, checkpoint=checkpoint, strict=strict, **kwargs)
     else:
-        bb = module.build(arch, checkpoint=checkpoint, **kwargs)
+        bb = module.build(arch, checkpoint=checkpoint, strict=strict, **kwargs)
+    if not strict and checkpoint is not None:
+        bb.spec = {**bb.spec, "strict_load": False}  # so backbone_from_spec rebuilds it the same way
     return bb.freeze()
 
 
@@ -67,6 +74,8 @@ def backbone_from_spec(spec: dict) -> Backbone:
     name = spec.pop("name")
     checkpoint = spec.pop("checkpoint", None)
     kwargs = spec.pop("kwargs", {}) or {}
+    if spec.pop("strict_load", True) is False:
+        kwargs = {**kwargs, "strict_load": False}
     return create_backbone(name, checkpoint=checkpoint, **kwargs)
 
 
@@ -76,6 +85,7 @@ __all__ = [
     "Backbone",
     "BackboneFacts",
     "Preprocess",
+    "WeightsMismatch",
     "WeightsNotFound",
     "backbone_from_spec",
     "check_grids",

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .base import Backbone, BackboneFacts, Preprocess
-from .weights import WeightsNotFound, load_state_dict, require_path
+from .weights import WeightsNotFound, load_checked, load_state_dict, report_mismatch, require_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -308,7 +308,20 @@ def _load_processor(d: Path):
         return AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
 
 
-def build(arch: str, checkpoint: str | None = None, **kwargs) -> HFBackbone:
+# tensors of other towers/heads a full checkpoint carries (CLIPModel, SiglipModel) that the vision
+# model rightly leaves out, and heads the tokens never use, which a vision-only file may lack
+OTHER_TOWERS = ("text_model.", "text_projection", "visual_projection", "logit_scale", "logit_bias")
+UNUSED_HEADS = ("head.", "pooler.")
+
+
+def _check_loading(info: dict, what: str, where, strict: bool) -> None:
+    """from_pretrained's loading info -> the same strict check as every other backend."""
+    report_mismatch(what, where, [k for k in info.get("missing_keys") or () if not k.startswith(UNUSED_HEADS)],
+                    [k for k in info.get("unexpected_keys") or () if not k.startswith(OTHER_TOWERS)], strict=strict,
+                    mismatched=[k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()])
+
+
+def build(arch: str, checkpoint: str | None = None, strict: bool = True, **kwargs) -> HFBackbone:
     """kwargs: ``config`` (a transformers config or its dict, random init), ``image_size`` (run the model
     at this size; positions are interpolated by the model itself), ``dtype`` (default float32), and
     config overrides when ``config`` is given."""
@@ -358,9 +371,7 @@ def build(arch: str, checkpoint: str | None = None, **kwargs) -> HFBackbone:
         model, info = cls.from_pretrained(
             str(weights_dir), local_files_only=True, dtype=torch_dtype, output_loading_info=True, **kwargs
         )
-        if info.get("missing_keys"):
-            missing = sorted(info["missing_keys"])
-            raise ValueError(f"{what}: weights in {str(weights_dir)!r} lack {len(missing)} tensors, e.g. {missing[:5]}")
+        _check_loading(info, what, weights_dir, strict)
         processor = _load_processor(weights_dir)
     else:
         if config is None:
@@ -381,9 +392,8 @@ def build(arch: str, checkpoint: str | None = None, **kwargs) -> HFBackbone:
             prefix = "vision_model."
             if any(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            if missing:
-                raise ValueError(f"{what}: {str(weights_file)!r} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+            sd = {k: v for k, v in sd.items() if not k.startswith(OTHER_TOWERS)}
+            load_checked(model, sd, what, weights_file, strict=strict, ignore_missing=lambda k: k.startswith(UNUSED_HEADS))
 
     preprocess = None
     if processor is not None and family != "siglip2":

@@ -20,15 +20,17 @@ Weights always come from a local file (``checkpoint=``), loaded with ``weights_o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from .base import Backbone, BackboneFacts, Preprocess
-from .weights import WeightsNotFound, load_state_dict, require_path
+from .weights import WeightsNotFound, load_checked, load_state_dict, require_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -104,7 +106,7 @@ class OpenClipBackbone(Backbone):
         return self.visual.ln_post(h)
 
 
-def _load_visual_weights(visual: torch.nn.Module, path: Path, what: str) -> None:
+def _load_visual_weights(visual: torch.nn.Module, path: Path, what: str, strict: bool = True) -> None:
     if path.suffix in (".npz", ".npy"):
         raise ValueError(f"{what}: big_vision .npz weights are not supported here; use the open_clip/timm "
                          "state dict (open_clip_pytorch_model.bin or open_clip_model.safetensors)")
@@ -119,15 +121,24 @@ def _load_visual_weights(visual: torch.nn.Module, path: Path, what: str) -> None
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-    missing, unexpected = visual.load_state_dict(sd, strict=False)
     # heads unused by the tokens (proj, timm head) may be absent in a trunk-only file
-    missing = [k for k in missing if not (k == "proj" or k.startswith("head.") or ".head." in k)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{what}: weights in {str(path)!r} do not fit the architecture "
-            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
-        )
+    load_checked(visual, sd, what, path, strict=strict,
+                 ignore_missing=lambda k: k == "proj" or k.startswith("head.") or ".head." in k)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool):
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "initialized randomly" not in record.getMessage()
+
+    root, f = logging.getLogger(), _Drop()
+    if active:
+        root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def _resolve_arch(arch: str, kwargs: dict) -> tuple[str, dict, Path | None]:
@@ -155,7 +166,7 @@ def _resolve_arch(arch: str, kwargs: dict) -> tuple[str, dict, Path | None]:
     return arch, {}, None
 
 
-def build(arch: str, checkpoint: str | None = None, **kwargs) -> Backbone:
+def build(arch: str, checkpoint: str | None = None, strict: bool = True, **kwargs) -> Backbone:
     """open_clip image tower.
 
     kwargs: ``tag`` (an open_clip pretrained tag such as 'openai' or 'webli': only its preprocessing is
@@ -198,13 +209,16 @@ def build(arch: str, checkpoint: str | None = None, **kwargs) -> Backbone:
             path = found[0]
             spec["checkpoint"] = str(path)
 
-    model = open_clip.create_model(
-        name, pretrained=None, load_weights=False, force_preprocess_cfg=force_pp or None, **extra, **kwargs
-    )
+    # open_clip logs "No pretrained weights loaded ... initialized randomly" for pretrained=None; with
+    # a checkpoint that is false (its image tower is loaded below, strictly), so the line is dropped
+    with _without_random_init_warning(path is not None):
+        model = open_clip.create_model(
+            name, pretrained=None, load_weights=False, force_preprocess_cfg=force_pp or None, **extra, **kwargs
+        )
     visual = model.visual
     del model  # the text tower is not needed
     if path is not None:
-        _load_visual_weights(visual, path, what)
+        _load_visual_weights(visual, path, what, strict=strict)
     preprocess = _preprocess_from_cfg(visual.preprocess_cfg)
 
     if hasattr(visual, "trunk"):  # TimmModel (SigLIP): the trunk is a timm ViT

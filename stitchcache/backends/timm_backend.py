@@ -11,7 +11,7 @@ import os
 import torch
 
 from .base import Backbone, BackboneFacts, Preprocess
-from .weights import require_path
+from .weights import load_checked, load_state_dict, require_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,7 +88,26 @@ class TimmBackbone(Backbone):
         return self.model.norm(h)
 
 
-def build(arch: str, checkpoint: str | None = None, **kwargs) -> TimmBackbone:
+def load_weights(model: torch.nn.Module, path, what: str, strict: bool = True) -> None:
+    """A local timm checkpoint into ``model``, strictly (timm's own pretrained loading turns strict off
+    whenever num_classes differs from the checkpoint's, which num_classes=0 always does). The
+    model module's ``checkpoint_filter_fn`` converts other layouts (e.g. OpenAI CLIP, DINOv2) as timm
+    does; the classifier, which the tokens never use, may be absent or dropped."""
+    import sys
+
+    sd = load_state_dict(path)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    classifiers = (model.pretrained_cfg or {}).get("classifier") or "head"
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    if getattr(model, "num_classes", None) == 0:  # no classifier in the model: drop the file's
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(c + ".") for c in classifiers)}
+    load_checked(model, sd, what, path, strict=strict,
+                 ignore_missing=lambda k: any(k.startswith(c + ".") for c in classifiers))
+
+
+def build(arch: str, checkpoint: str | None = None, strict: bool = True, **kwargs) -> TimmBackbone:
     import timm
 
     spec = {"name": f"timm:{arch}", "checkpoint": checkpoint, "kwargs": dict(kwargs)}
@@ -102,10 +121,9 @@ def build(arch: str, checkpoint: str | None = None, **kwargs) -> TimmBackbone:
             hint="Pass checkpoint= a local .pth/.safetensors file (e.g. the model's "
             "'open_clip_pytorch_model.bin' or 'model.safetensors' from its hub page).",
         )
-        overlay["file"] = str(path)
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    else:
-        if not timm.is_model(arch):  # (list_models() has no pretrained tags: "arch.tag" names are valid)
-            raise ValueError(f"timm has no architecture {arch!r} (timm {timm.__version__})")
-        model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
+    if not timm.is_model(arch):  # (list_models() has no pretrained tags: "arch.tag" names are valid)
+        raise ValueError(f"timm has no architecture {arch!r} (timm {timm.__version__})")
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, path, f"timm model {arch!r}", strict=strict)
     return TimmBackbone(model, spec)

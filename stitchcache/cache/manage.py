@@ -215,7 +215,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                             ("verify", cmd_verify, "check stores for missing chunks / metadata"),
                             ("gc", cmd_gc, "remove stores no workflow refers to")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--root", default="cache", help="cache root (config key cache_root; default: cache)")
+        s.add_argument("--root", help="cache root (default: --configfile's cache_root, else cache)")
+        s.add_argument("--configfile", metavar="CONFIG.yaml",
+                       help="an experiment config: its cache_root is the root (relative paths: from here)")
         s.set_defaults(fn=fn)
         if name == "verify":
             s.add_argument("stores", nargs="*", help="store paths (default: every store under --root)")
@@ -226,5 +228,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
             s.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
 
 
+def cache_root_of(root: str | None, configfile: str | None) -> str:
+    """--root, else the cache_root of --configfile, else the default `cache` (the schema's default)."""
+    if root is not None:
+        return root
+    if configfile is None:
+        return "cache"
+    import yaml
+
+    p = Path(configfile)
+    if not p.is_file():
+        raise SystemExit(f"error: --configfile {configfile!r} does not exist")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: --configfile {configfile!r} is not a YAML mapping")
+    return str(cfg.get("cache_root", "cache"))
+
+
 def main(args) -> int:
+    args.root = cache_root_of(args.root, args.configfile)
     return args.fn(args)

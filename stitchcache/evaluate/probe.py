@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import iter_batches, open_record, pooled_features
+from ..provenance import code_digest, fingerprint
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
 from ..tasks import (SEGMENTATION, SegHead, Standardized, channel_stats, check_same_classes, head_metrics,
                      seg_loss, store_grid, task_info)
@@ -123,6 +124,8 @@ def main(args) -> int:
     _, va = open_record(args.val)
     res = probe_stores(tr, va, rec["facts"]["num_prefix_tokens"], int(rec["num_classes"]), settings,
                        pick_device(settings.get("device", "auto")), grid=rec["facts"].get("grid"))
-    write_json(args.out, {"dataset": rec["dataset"], "model": rec["model"], **res})
+    fp = fingerprint(settings, inputs={"train": rec.get("key"), "val": va.attrs.get("key")},
+                     code=code_digest("stitchcache.evaluate.probe", "stitchcache.train", "stitchcache.tasks"))
+    write_json(args.out, {"dataset": rec["dataset"], "model": rec["model"], **res, "provenance": fp})
     log(f"probe {rec['model']} on {rec['dataset']}: {describe(res)} (lr {res['lr']:g})")
     return 0

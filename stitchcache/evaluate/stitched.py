@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..backends import backbone_from_spec, weights_digest
 from ..cache import FeatureStore, StoreWriter, content_key, iter_batches, open_record
-from ..runtime import autocast, json_arg, log, pick_device, seed_everything, set_threads, write_json
+from ..provenance import check
+from ..runtime import autocast, json_arg, log, pick_device, read_json, seed_everything, set_threads, write_json
 from ..stitch.model import StitchedTail, build_parts, load_checkpoint
 from ..tasks import SEGMENTATION, head_metrics, task_info
 from .probe import describe, probe_stores
@@ -71,6 +72,20 @@ def head_accuracy(head, exported_val, device, batch_size: int = 512) -> float:
     return correct / max(n, 1)
 
 
+def check_trained_as_asked(ckpt: dict, train_settings: dict | None, path, records: dict) -> dict:
+    """The checkpoint's training fingerprint, after checking it was trained with ``train_settings``
+    (the workflow's train section now; None: not checked) from the feature stores of ``records``."""
+    recorded = ckpt["train"].get("provenance")
+    if train_settings is None:
+        return recorded
+    keys = {role: rec.get("key") or rec["store"] for role, rec in records.items()}
+    asked = {"settings": train_settings, "inputs": keys}
+    have = None if recorded is None else {"settings": recorded["settings"],
+                                          "inputs": {k: recorded["inputs"].get(k) for k in keys}}
+    check(have, asked, f"checkpoint {str(path)!r}")
+    return recorded
+
+
 def evaluate(args) -> dict:
     settings = json_arg(args.settings, "--settings")
     seed = int(settings.get("seed", 0))
@@ -81,7 +96,10 @@ def evaluate(args) -> dict:
     l = spec["layer"]
     st_rec, st = open_record(args.src_train)
     sv_rec, sv = open_record(args.src_val)
-    _, tv = open_record(args.tgt_val)
+    tv_rec, tv = open_record(args.tgt_val)
+    trained = check_trained_as_asked(ckpt, settings.get("train"), args.checkpoint, {
+        "src_train": st_rec, "src_val": sv_rec, "tgt_train": read_json(args.tgt_train, "feature record"),
+        "tgt_val": tv_rec})
     stitch, head = build_parts(ckpt)
     target = backbone_from_spec(spec["target"])
     tail = StitchedTail(stitch, target, l).to(device).eval()
@@ -123,6 +141,7 @@ def evaluate(args) -> dict:
         "d_l": dist["d_l"], "d_L": dist["d_L"], "lr": ckpt["train"]["lr"], "epochs": ckpt["train"]["epochs"],
         "train_seconds": ckpt["train"]["train_seconds"], "eval_seconds": time.time() - t0,
         "exported_train": str(exported["train"].path), "exported_val": str(exported["val"].path),
+        "train_provenance": trained, "probe_settings": settings.get("probe", {}),
     }
     if info["task"] == SEGMENTATION:
         result.update(probe_miou=probe["probe_miou"], probe_pixel_acc=probe["probe_pixel_acc"],
@@ -142,7 +161,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
         p.add_argument(f"--{name}", required=True, help="feature record JSON")
     p.add_argument("--cache-root", required=True)
-    p.add_argument("--settings", default="{}", help="JSON: {probe: {...}, keep_exports, seed, device}")
+    p.add_argument("--settings", default="{}", help="JSON: {probe: {...}, train: {...} (the train settings the checkpoint must have been "
+                   "trained with; checked when given), keep_exports, seed, device}")
     p.add_argument("--out", required=True)
 
 

@@ -8,11 +8,17 @@ def configure_table_parser(p):
     p.add_argument("--evals", nargs="+", required=True, metavar="EVAL.json", help="evaluation results")
     p.add_argument("--probes", nargs="*", default=[], metavar="PROBE.json", help="base-model linear probes")
     p.add_argument("--out-dir", required=True, help="writes table.parquet, table.csv, table.md, paper_tables.md here")
+    p.add_argument("--settings", help="JSON {train, probe, probe_job}: the settings every result must have been "
+                   "produced with (results of other settings are refused); not checked when absent")
     return p
 
 
 def run_table(args):
+    from ..runtime import json_arg
+    from .stale import check_results
     from .tables import build_table, probe_table, write_table
+    if args.settings:
+        check_results(args.evals, args.probes, json_arg(args.settings, "--settings"))
     table = build_table(args.evals, args.probes)
     paths = write_table(table, probe_table(table), args.out_dir)
     n_ds = len(set(table.column("dataset").to_pylist()))

@@ -16,22 +16,10 @@ import torch
 from torch import nn
 
 from ..backends import Backbone, backbone_from_spec
-from ..cache.loader import pool_tokens
+from ..tasks import Head, make_head  # noqa: F401  (Head: re-exported, it used to live here)
 from .layers import Stitch
 
 CHECKPOINT_FORMAT = 1
-
-
-class Head(nn.Module):
-    """Linear classifier on pooled final tokens (TLT's head; also the linear probe)."""
-
-    def __init__(self, width: int, num_classes: int, num_prefix: int, pool: str = "mean"):
-        super().__init__()
-        self.config = {"width": width, "num_classes": num_classes, "num_prefix": num_prefix, "pool": pool}
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, z):  # (B, T, D) -> (B, C)
-        return self.fc(pool_tokens(z, self.config["num_prefix"], self.config["pool"]))
 
 
 class StitchedTail(nn.Module):
@@ -47,11 +35,17 @@ class StitchedTail(nn.Module):
 
 
 class StitchedModel(nn.Module):
-    """images -> final tokens; ``head`` (if trained) gives logits via ``classify``."""
+    """images -> final tokens; ``head`` (if trained) gives logits via ``classify``.
+
+    The input is what the *source* model expects: ``preprocess`` (size, resize, mean, std,
+    interpolation, channels: ``backends.Preprocess``) describes it and ``transform`` (PIL image ->
+    (C, H, W) tensor) makes it, exactly as extraction did for the cached features it was trained on."""
 
     def __init__(self, source: Backbone, tail: StitchedTail, head: Head | None = None):
         super().__init__()
         self.source, self.tail, self.head = source, tail, head
+        self.preprocess = source.preprocess
+        self.transform = source.preprocess.transform()
 
     def forward(self, pixels):
         h = self.source.forward_layers(pixels, [self.tail.layer])[self.tail.layer]
@@ -85,10 +79,7 @@ def build_parts(ckpt: dict, target: Backbone | None = None, source: Backbone | N
     stitch.load_state_dict(ckpt["stitch_state"])
     head = None
     if spec.get("head"):
-        h = spec["head"]
-        from ..tasks import make_head  # classification Head, or the per-patch SegHead
-
-        head = make_head(h)
+        head = make_head(spec["head"])  # classification Head, or the per-patch SegHead
         head.load_state_dict(ckpt["head_state"])
     return stitch, head
 

@@ -16,7 +16,9 @@ lstsq | checkpoint).
 """
 from __future__ import annotations
 
+import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +26,15 @@ from torch import nn
 
 from ..backends import backbone_from_spec
 from ..cache import iter_batches, open_record
+from ..provenance import code_digest, file_digest, fingerprint
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
 from ..tasks import check_same_classes, head_config, make_head, task_info, tlt_loss
 from ..train import FitConfig, fit, mean_over
 from .choices import parse_choice
-from .layers import PrefixMap, Stitch, make_stitch_config
+from .layers import STITCH_LAYERS, PrefixMap, Stitch, make_stitch_config
 from .lora import extract_block
 from .lstsq import lstsq_linear
-from .losses import ffm_loss, lfm_loss
+from .losses import METHODS, ffm_loss, lfm_loss
 from .model import load_checkpoint, save_checkpoint
 
 
@@ -48,15 +51,44 @@ def _record(path):
     return rec, store
 
 
-def train_stitch(args) -> int:
+# the code whose changes make a trained stitch stale (its digest is part of every fingerprint)
+TRAIN_CODE = ("stitchcache.train", "stitchcache.stitch", "stitchcache.tasks", "stitchcache.cache.loader")
+
+
+@dataclass
+class TrainJob:
+    """One `train` job: a stitch layer (and TLT head) at one layer, from four feature records."""
+    method: str
+    layer: int
+    stitch: str
+    src_train: str
+    src_val: str
+    tgt_train: str
+    tgt_val: str
+    out: str  # checkpoint to write
+    metrics: str  # training summary JSON to write
+    init: str | None = None  # ffm_tlt: the FFM checkpoint
+    settings: dict = field(default_factory=dict)  # the config's train section plus seed/device
+
+
+def train_fingerprint(job: TrainJob, records: dict) -> dict:
+    """What a trained stitch depends on (provenance.py): the train settings as given, the job, the
+    four stores' keys, the init checkpoint's digest and the training code."""
+    return fingerprint(job.settings, inputs={**{role: rec.get("key") or rec["store"] for role, rec in records.items()},
+                                             "method": job.method, "layer": int(job.layer), "stitch": job.stitch},
+                       init=file_digest(job.init) if job.init else None, code=code_digest(*TRAIN_CODE))
+
+
+def train_stitch(job: TrainJob) -> int:
     set_threads()
-    settings = json_arg(args.settings, "--settings")
+    settings = dict(job.settings)
     seed = int(settings.get("seed", 0))
     seed_everything(seed)
     device = pick_device(settings.get("device", "auto"))
-    method, l = args.method, int(args.layer)
-    (st_rec, st), (sv_rec, sv) = _record(args.src_train), _record(args.src_val)
-    (tt_rec, tt), (tv_rec, tv) = _record(args.tgt_train), _record(args.tgt_val)
+    method, l = job.method, int(job.layer)
+    (st_rec, st), (sv_rec, sv) = _record(job.src_train), _record(job.src_val)
+    (tt_rec, tt), (tv_rec, tv) = _record(job.tgt_train), _record(job.tgt_val)
+    fp = train_fingerprint(job, {"src_train": st_rec, "src_val": sv_rec, "tgt_train": tt_rec, "tgt_val": tv_rec})
     check_aligned(st_rec, tt_rec, "train split")
     check_aligned(sv_rec, tv_rec, "val split")
     sf, tf = st_rec["facts"], tt_rec["facts"]
@@ -64,38 +96,38 @@ def train_stitch(args) -> int:
     if not 0 <= l < depth:
         raise SystemExit(f"error: stitch layer {l} must lie in 0..{depth - 1} for target {tt_rec['model']}")
     try:
-        stitch_cfg = make_stitch_config(args.stitch, sf, tf, hidden=settings.get("mlp_hidden"), layer=l,
+        stitch_cfg = make_stitch_config(job.stitch, sf, tf, hidden=settings.get("mlp_hidden"), layer=l,
                                         rank=settings.get("lora_rank"), alpha=settings.get("lora_alpha"))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if "linear_init" in settings:
         raise SystemExit("error: train.linear_init was removed: the init is part of the stitch layer choice "
                          "(--stitch linear_lstsq; stitch.stitch_layers: [linear, linear_lstsq] trains both)")
-    family, stitch_init = parse_choice(args.stitch)
+    family, stitch_init = parse_choice(job.stitch)
     init = None
     if method == "ffm_tlt":
-        if not args.init:
+        if not job.init:
             raise SystemExit("error: ffm_tlt needs --init (the FFM checkpoint)")
-        init = load_checkpoint(args.init)
+        init = load_checkpoint(job.init)
         if init["spec"]["stitch"] != stitch_cfg:
-            raise SystemExit(f"error: --init {args.init} has a different stitch layer: {init['spec']['stitch']}")
+            raise SystemExit(f"error: --init {job.init} has a different stitch layer: {init['spec']['stitch']}")
 
     target = None
     if method != "lfm":  # LFM never builds a backbone
         target = backbone_from_spec(tf["spec"]).to(device)
     source = None
-    if args.stitch == "lora":  # the stitch's frozen block: built once, only block l+1 kept
+    if job.stitch == "lora":  # the stitch's frozen block: built once, only block l+1 kept
         source = extract_block(backbone_from_spec(sf["spec"]), l + 1)
     lstsq_init = None
     if stitch_init == "lstsq" and init is None:
         try:
             tgt_l = tt.layer(l)
         except KeyError as e:
-            raise SystemExit(f"error: the {args.stitch} stitch needs the target's layer-{l} tokens: {e}")
+            raise SystemExit(f"error: the {job.stitch} stitch needs the target's layer-{l} tokens: {e}")
         t1 = time.time()
         lstsq_init = lstsq_linear(st.layer(l), tgt_l, PrefixMap(sf["num_prefix_tokens"], tf["num_prefix_tokens"]),
                                   batch_size=int(settings.get("lfm_batch_size", 256)))
-        log(f"{args.stitch} stitch @{l}: least-squares init from {st_rec['num_images']} training images "
+        log(f"{job.stitch} stitch @{l}: least-squares init from {st_rec['num_images']} training images "
             f"({time.time() - t1:.1f}s)")
     head_cfg = None
     if method in ("tlt", "ffm_tlt"):
@@ -141,12 +173,12 @@ def train_stitch(args) -> int:
     def val_loss(m):
         return mean_over(iter_batches(val_arrays, bs), lambda b: loss_fn(m, [x.to(device) for x in b]))
 
-    out = Path(args.out)
+    out = Path(job.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     desc = f"{method} {st_rec['model']}->{tt_rec['model']} @{l}"
     t0 = time.time()
-    res = fit(build, batches, loss_fn, val_loss, cfg, device, partial=partial, desc=desc)
+    res = fit(build, batches, loss_fn, val_loss, cfg, device, partial=partial, desc=desc, fingerprint=fp)
     seconds = time.time() - t0
     best = build()
     best.load_state_dict(res.state)
@@ -155,14 +187,36 @@ def train_stitch(args) -> int:
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
     info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
             "init": stitch_init,
-            "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default")}
+            "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default"),
+            "provenance": fp}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
-    write_json(args.metrics, {**info, "method": method, "layer": l, "stitch": args.stitch, "family": family,
+    write_json(job.metrics, {**info, "method": method, "layer": l, "stitch": job.stitch, "family": family,
                               "source": st_rec["model"], "target": tt_rec["model"], "history": res.history,
                               "feature_stores": [str(s.path) for s in (st, sv, tt, tv)]})
     partial.unlink(missing_ok=True)
     log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs}, val loss {res.val_loss:.4g} ({seconds:.1f}s)")
     return 0
+
+
+# ---- the `train` subcommand -------------------------------------------------------------------
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--layer", required=True, type=int)
+    p.add_argument("--stitch", required=True, choices=sorted(STITCH_LAYERS),
+                   help="stitch layer choice: family + init (linear_lstsq: linear, least-squares init)")
+    for name in ("src-train", "src-val", "tgt-train", "tgt-val"):
+        p.add_argument(f"--{name}", required=True, help="feature record JSON")
+    p.add_argument("--init", help="checkpoint to start from (ffm_tlt: the FFM checkpoint)")
+    p.add_argument("--settings", default="{}", help="JSON: the train section plus seed/device")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--metrics", required=True, help="training summary JSON to write")
+
+
+def main(args) -> int:
+    return train_stitch(TrainJob(
+        method=args.method, layer=args.layer, stitch=args.stitch, src_train=args.src_train, src_val=args.src_val,
+        tgt_train=args.tgt_train, tgt_val=args.tgt_val, out=args.out, metrics=args.metrics, init=args.init,
+        settings=json_arg(args.settings, "--settings")))
 
 
 def _num_classes(store) -> int:

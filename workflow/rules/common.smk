@@ -291,8 +291,18 @@ def train_settings_param(wildcards):
 
 
 def evaluate_settings_param(wildcards):
+    # "train": the settings the checkpoint must have been trained with (evaluate checks them)
     return json.dumps({"probe": config["probe"], "keep_exports": config["evaluate"]["keep_exports"],
-                       "seed": int(wildcards.seed), "device": config["device"]}, sort_keys=True)
+                       "seed": int(wildcards.seed), "device": config["device"],
+                       "train": json.loads(train_settings_param(wildcards))}, sort_keys=True)
+
+
+def table_settings_param(wildcards):
+    """table: the settings every eval.json / probe json must have been produced with (it checks);
+    the train section without its seed, which must be one of `seeds`."""
+    train = {**config["train"], "device": config["device"]}
+    return json.dumps({"train": train, "seeds": seeds(), "probe": config["probe"],
+                       "probe_job": json.loads(probe_settings_param(wildcards))}, sort_keys=True)
 
 
 def cache_root():

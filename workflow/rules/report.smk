@@ -15,6 +15,7 @@ rule table:
         "logs/table.log",
     params:
         out_dir=output_dir,
+        settings=table_settings_param,
     conda:
         "../envs/stitchcache.yaml"
     threads: 1
@@ -23,7 +24,7 @@ rule table:
         runtime=10,
     shell:
         "python -m stitchcache table --evals {input.evals:q} --probes {input.probes:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule plot:
