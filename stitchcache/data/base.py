@@ -45,6 +45,11 @@ class Split:
     def manifest(self) -> dict:
         raise NotImplementedError
 
+    def image_id(self, i: int) -> str:
+        """A stable id of image i from the manifest: its path relative to the dataset root, or
+        ``<source>:<index>`` for datasets without files (store rows map to it: FeatureStore.image_ids)."""
+        return f"{self.name}:{i}"
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()
 

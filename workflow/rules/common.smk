@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from stitchcache.backends.registry import is_registered, list_models
+from stitchcache.data.holdout import related_splits
 from stitchcache.inputs import (
     concrete_model_spec,
     drop_if_stale,
@@ -273,11 +274,12 @@ def _settings(section):
 
 
 def _dataset_spec(name, split):
-    """A dataset entry plus its name, with only the split the job reads (so editing another split
-    re-runs nothing)."""
+    """A dataset entry plus its name, with only the split the job reads and those deciding its images
+    (so editing another split re-runs nothing)."""
     d = config["datasets"][name]
     spec = {k: v for k, v in d.items() if k != "splits"}
-    spec.update(name=name, splits={split: d["splits"][split]})
+    # plus the splits that decide its images (a holdout and the split it holds out of)
+    spec.update(name=name, splits={s: d["splits"][s] for s in related_splits(d["splits"], split, name)})
     return json.dumps(spec, sort_keys=True)
 
 
