@@ -119,6 +119,8 @@ def request_key(model_spec: dict, dataset: dict, split: str, extract: dict) -> s
                     "manifest": split_identity(dataset, split)[0]},
         "layers": extract.get("layers", "all"),
         "dtype": extract.get("dtype", "float16"),
+        "view": extract.get("view", "shared"),
+        "order_seed": extract.get("order_seed", 0),
         "versions": library_versions(),
     }
     return content_key(parts)[:REQUEST_KEY_LENGTH]

@@ -5,7 +5,8 @@ import hashlib
 import json
 
 # Bump when extraction changes what lands in a store (forces new keys; old stores stay valid).
-EXTRACT_FORMAT_VERSION = 1
+# 2: rows in a seeded random order (``order`` array), view policy (shared | native).
+EXTRACT_FORMAT_VERSION = 2
 
 
 def canonical(obj) -> str:
@@ -17,7 +18,7 @@ def content_key(parts: dict) -> str:
 
 
 def feature_key_parts(*, backbone_facts: dict, weights_digest: str, manifest_digest: str,
-                      layers: list[int], dtype: str) -> dict:
+                      layers: list[int], dtype: str, view: str, order_seed: int | None) -> dict:
     """What goes into a feature store's key. Model *names* from configs are deliberately absent,
     so two experiments calling the same model differently still share the store."""
     spec = dict(backbone_facts["spec"])
@@ -29,4 +30,6 @@ def feature_key_parts(*, backbone_facts: dict, weights_digest: str, manifest_dig
         "dataset": manifest_digest,
         "layers": sorted(int(l) for l in layers),
         "dtype": dtype,
+        "view": view,  # which image region each model sees (the effective preprocessing follows from it)
+        "order_seed": order_seed,  # row order of the store (None = the dataset's own)
     }
