@@ -101,7 +101,12 @@ def split_info(dataset: dict, split: str) -> dict:
                 "num_classes": getattr(data, "num_classes", None)}
     except Exception as e:  # missing files, unknown type, ...: a plan never needs the data
         reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    count = s.get("count")
+    from .data.holdout import planned_size
+
+    try:
+        count = planned_size(dataset.get("splits") or {}, split, dataset.get("name", "?")) if s else None
+    except ValueError as e:
+        count, reason = None, str(e)
     return {"images": count, "source": "count" if count is not None else None, "note": reason, "task": task,
             "num_classes": None}
 

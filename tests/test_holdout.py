@@ -92,3 +92,13 @@ def test_fashion_mnist_style_ids_and_schema(tmp_path):
     assert list(v.iter_errors(entry)) == []
     assert list(v.iter_errors({**entry, "splits": {"val": {"holdout": {"of": "train", "fraction": 0.1, "sed": 3}}}}))
     assert list(v.iter_errors({**entry, "splits": {"val": {"holdout": {"of": "train"}}}}))
+
+
+def test_plan_sizes_follow_the_holdout_while_the_data_is_absent():
+    from stitchcache.plan import split_info
+
+    d = {"name": "air", "type": "fgvc_aircraft", "root": "/nonexistent",
+         "splits": {"train": {"source": "trainval", "count": 6667},
+                    "val": {"holdout": {"of": "train", "fraction": 0.1, "seed": 0}}, "test": {"source": "test"}}}
+    assert split_info(d, "val")["images"] == 667 and split_info(d, "train")["images"] == 6000
+    assert split_info(d, "test")["images"] is None

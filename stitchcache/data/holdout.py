@@ -141,3 +141,18 @@ def apply_holdout(dataset_name: str, split: str, splits: dict, open_raw) -> Spli
         rules.append({"split": h, **r})
     keep = np.array([i for i in range(len(base)) if i not in drop], np.int64)
     return SubsetSplit(split, base, keep, {"keep": "rest", "held_out_by": rules})
+
+
+def planned_size(splits: dict, split: str, dataset_name: str = "?") -> int | None:
+    """The expected size of ``split`` from the config's ``count:`` values alone (for plans while
+    the data is absent): a holdout split ~ fraction x count of the split it holds out of, that
+    split its count minus the held-out shares (per-class rounding moves the real sizes slightly)."""
+    rule = holdout_rule(dataset_name, split, splits)
+    base = rule["of"] if rule else split
+    count = splits[base].get("count")
+    if count is None:
+        return None
+    if rule:
+        return int(round(rule["fraction"] * count))
+    return int(count) - sum(int(round(holdout_rule(dataset_name, h, splits)["fraction"] * count))
+                            for h in holders(dataset_name, split, splits))
