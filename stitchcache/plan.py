@@ -353,7 +353,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     layers_ = list(st.get("layers", [1]))
     stitches = list(st.get("stitch_layers", ["mlp"]))
     methods = list(st.get("methods", list(TRAIN_METHODS)))
-    epochs = int(tr.get("max_epochs", 10)) * len(tr.get("lr_grid", [1e-3]))
+    epochs = int(tr.get("max_epochs", 100)) * len(tr.get("lr_grid", [1e-3]))
     mlp_hidden = tr.get("mlp_hidden")
     rank = int(tr.get("lora_rank", 8))
     per_ds = {}
