@@ -15,6 +15,7 @@ Usage: python benchmarks/read_throughput.py [--images 4096]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--classes", type=int, default=64)
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # the machine is shared: record how busy it was
     tmp = Path(tempfile.mkdtemp(prefix="sc-read-"))
     try:
         rng = np.random.default_rng(0)
@@ -81,7 +83,9 @@ def main():
                                  "loader_passes_GB_s": [round(v / 1e9, 3) for v in results["loader"]],
                                  "classes_per_batch": round(float(np.mean(distinct)), 2),
                                  "classes_per_batch_iid": round(float(np.mean(iid)), 2),
-                                 "classes_per_batch_over_iid": round(float(np.mean(distinct) / np.mean(iid)), 3)},
+                                 "classes_per_batch_over_iid": round(float(np.mean(distinct) / np.mean(iid)), 3),
+                                 "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+                                 "cpu_count": os.cpu_count()},
              torch.device("cpu"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
