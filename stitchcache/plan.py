@@ -45,6 +45,7 @@ from .cache.manage import human
 ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 SCALE_BYTES = {"int8": 4}  # int8 stores add one float32 scale per token
 LABEL_BYTES = 8  # classification labels: int64 per image; segmentation: uint8 mask at the input size
+ORDER_BYTES = 8  # the store's row order: int64 per image (docs/stages/extract.md, "Row order")
 SEGMENTATION_TYPES = ("ade20k",)  # dataset types whose labels are masks (when the data cannot be opened)
 TRAIN_METHODS = ("lfm", "ffm", "tlt", "ffm_tlt")
 
@@ -333,7 +334,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     for d in ds_names:
         for name in used:
             s = shapes[name]
-            per_image = s["tokens_per_image"] + label_bytes(d, name)
+            per_image = s["tokens_per_image"] + label_bytes(d, name) + ORDER_BYTES
             compute = cost.capture(s)
             copy = s["tokens_per_image"] / cost.copy
             write = per_image / cost.write_rate(compressor)
