@@ -102,3 +102,15 @@ def test_plan_sizes_follow_the_holdout_while_the_data_is_absent():
                     "val": {"holdout": {"of": "train", "fraction": 0.1, "seed": 0}}, "test": {"source": "test"}}}
     assert split_info(d, "val")["images"] == 667 and split_info(d, "train")["images"] == 6000
     assert split_info(d, "test")["images"] is None
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs dataset-fashion-mnist")
+def test_fashion_mnist_train_test_gets_a_held_out_val():
+    spec = {"name": "fm", "type": "fashion_mnist", "splits": {
+        "train": {"source": "train", "count": 1000},
+        "val": {"holdout": {"of": "train", "fraction": 0.1, "seed": 0}}, "test": {"source": "test", "count": 200}}}
+    train, val, test = (open_split(spec, s) for s in ("train", "val", "test"))
+    assert len(train) + len(val) == 1000 and 95 <= len(val) <= 105
+    assert not set(ids(train)) & set(ids(val)) and all(i.startswith("train:") for i in ids(val))
+    assert ids(test)[0] == "test:0"
+    assert np.array_equal(val.labels(), [val.label(i) for i in range(len(val))])
