@@ -1,5 +1,9 @@
 """extract: one forward pass per batch captures h_0..h_L and the final tokens into a FeatureStore.
 
+Rows are the split's images in a seeded random order (``extract.order_seed``, recorded in the
+store's ``order`` array), so every chunk mixes classes; each model sees the image region chosen by
+``extract.view`` (shared: the same centred box for every model; native: the library's transform).
+
 Resumable by chunk (or by shard, with extract.shard_size): finished units are skipped, so a killed
 job continues where it stopped. Decoding/preprocessing run in DataLoader workers; tokens are
 copied (on CUDA: non_blocking into pinned host buffers; int8 quantised on the device first) into a
@@ -41,6 +45,17 @@ def resolve_layers(setting, depth: int) -> list[int]:
     if bad:
         raise SystemExit(f"error: extract.layers {bad} outside 0..{depth} for this model")
     return layers
+
+
+VIEWS = ("shared", "native")
+
+
+def image_order(n: int, seed: int | None) -> np.ndarray:
+    """Store row i holds dataset image order[i]: a permutation drawn from ``seed`` and ``n`` only,
+    so every model extracted from one split gets the same rows (None = the dataset's own order)."""
+    if seed is None:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([int(seed), n]).permutation(n).astype(np.int64)
 
 
 def model_from_spec(model_spec: dict):
@@ -184,6 +199,11 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     bb = model_from_spec(model_spec).to(device)
     layers = resolve_layers(settings.get("layers", "all"), bb.depth)
     dtype = settings.get("dtype", "float16")
+    view, order_seed = settings.get("view", "shared"), settings.get("order_seed", 0)
+    if view not in VIEWS:
+        raise SystemExit(f"error: extract.view {view!r} is not one of {' | '.join(VIEWS)}")
+    preprocess = bb.preprocess.for_view(view)  # what this model's images really go through
+    order = image_order(len(data), order_seed)
     facts = bb.describe()
     parts = store_key_parts(bb, model_spec, data, settings)
     key = content_key(parts)
@@ -191,13 +211,16 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     task = _task_attrs(data)
     record = {"store": str(path), "key": key, "model": model_spec.get("name"), "dataset": dataset_spec.get("name"),
               "split": split, "num_images": len(data), "layers": layers, "facts": facts,
-              "num_classes": data.num_classes, **task, **({"skipped_images": skipped} if skipped else {})}
+              "num_classes": data.num_classes, "view": view, "order_seed": order_seed, **task,
+              **({"skipped_images": skipped} if skipped else {})}
     if FeatureStore.is_complete(path):
         log(f"cache hit: {model_spec.get('name')} on {dataset_spec.get('name')}/{split} -> {path}")
         return record
 
     attrs = {"key": key, "key_parts": parts, "model_name": model_spec.get("name"), "model": facts,
-             "dataset": {"name": dataset_spec.get("name"), "split": split, "manifest": data.digest(), "num_images": len(data)},
+             "dataset": {"name": dataset_spec.get("name"), "split": split, "manifest": data.digest(), "num_images": len(data),
+                         "order_seed": order_seed},
+             "view": view, "input_preprocess": preprocess.to_dict(),
              "num_classes": data.num_classes, **task, "versions": _versions(), "device": str(device),
              "skipped_images": skipped,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -205,7 +228,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
                      compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size"),
                      lock_timeout=float(settings.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)),
-                     **_label_layout(data, bb)) as writer:
+                     order=order, **_label_layout(data, bb)) as writer:
         if writer.already_complete:
             log(f"cache hit: {path} was finished by another process while this one waited for it")
             return record
@@ -213,22 +236,24 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
         if len(pending) < writer.num_units:
             unit = "shards" if writer.shard_size else "chunks"
             log(f"resuming {path.name}: {writer.num_units - len(pending)} of {writer.num_units} {unit} already written")
-        _run(bb, data, writer, pending, layers, device, settings)
+        _run(bb, data, writer, pending, layers, device, settings, preprocess, order)
         writer.finalize()
     log(f"wrote {path}")
     return record
 
 
-def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], device, settings: dict) -> None:
+def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], device, settings: dict,
+         preprocess, order: np.ndarray) -> None:
     if not pending:
         return
-    indices = [i for u in pending for i in range(*writer.unit_range(u))]
+    rows = [i for u in pending for i in range(*writer.unit_range(u))]
     on_cuda = device.type == "cuda"
     seg = getattr(data, "task", None) == SEGMENTATION  # masks get the image's resize / crop (nearest)
     loader = torch.utils.data.DataLoader(
-        data.torch(bb.preprocess.transform(), mask_transform(bb.preprocess) if seg else None),
+        data.torch(preprocess.transform(), mask_transform(preprocess) if seg else None),
         batch_size=int(settings.get("batch_size", 256)),
-        sampler=indices, num_workers=int(settings.get("num_workers", 2)),
+        sampler=[int(order[r]) for r in rows],  # rows are filled in order; row r holds image order[r]
+        num_workers=int(settings.get("num_workers", 2)),
         pin_memory=on_cuda, persistent_workers=False)
     dtype = writer.dtype
     capture = sorted(set(layers) | {bb.depth})
@@ -248,7 +273,7 @@ def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], d
 
     itemsize = {"float16": 2, "float32": 4, "int8": 1}[dtype]
     bytes_per_image = (len(layers) + 1) * bb.num_tokens * (bb.width * itemsize + (4 if dtype == "int8" else 0))
-    bar = tqdm(total=len(indices), unit="img", desc=f"extract {bb.spec['name']}", file=sys.stderr,
+    bar = tqdm(total=len(rows), unit="img", desc=f"extract {bb.spec['name']}", file=sys.stderr,
                mininterval=2.0, dynamic_ncols=True)
     t0 = time.time()
     try:

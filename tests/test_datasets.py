@@ -269,3 +269,18 @@ def test_schema_accepts_each_dataset_type_and_rejects_typos(listed, aircraft, ad
     assert list(v.iter_errors({"type": "ade20k", "splits": {"val": {"source": "validation"}}}))
     assert list(v.iter_errors({"type": "image_list", "splits": {"val": {"lists": "v.csv"}}}))
     json.dumps(s)  # still plain data
+
+
+def test_subset_test_list_is_disjoint_and_leaves_train_val_unchanged(folder, tmp_path):
+    balanced_subset(folder / "train", tmp_path / "a", train=1, val=1, seed=0)
+    res = balanced_subset(folder / "train", tmp_path / "b", train=1, val=1, seed=0, test=1)
+    assert res["test"] == 3 and not (tmp_path / "a" / "test.csv").exists()
+    for name in ("train.csv", "val.csv"):
+        assert _read(tmp_path / "a" / name) == _read(tmp_path / "b" / name)
+    lists = [{r[0] for r in _read(tmp_path / "b" / f"{s}.csv")} for s in ("train", "val", "test")]
+    assert sum(map(len, lists)) == len(set().union(*lists)) == 9
+    # from a folder of its own (fMoW: the official test images), next to a val folder
+    res = balanced_subset(folder / "train", tmp_path / "c", train=1, val=1, seed=0, val_root=folder / "val",
+                          test=1, test_root=folder / "val")
+    va, te = _read(tmp_path / "c" / "val.csv"), _read(tmp_path / "c" / "test.csv")
+    assert all(r[0].startswith("val/") for r in va + te) and not {r[0] for r in va} & {r[0] for r in te}

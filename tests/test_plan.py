@@ -25,7 +25,7 @@ def test_plan_bytes_follow_model_shapes():
     per_layer = (grid + 1) * sup["embed_dim"] * 2  # CLS + grid tokens, float16
     row = next(r for r in p["rows"] if r["model"] == "sup" and r["split"] == "train")
     assert row["bytes_per_layer_image"] == per_layer
-    assert row["bytes_per_image"] == per_layer * (sup["depth"] + 2) + 8  # h_0..h_L and final, int64 label
+    assert row["bytes_per_image"] == per_layer * (sup["depth"] + 2) + 8 + 8  # h_0..h_L and final, int64 label, int64 row order
     assert row["bytes"] == row["bytes_per_image"] * row["images"]
     assert p["feature_bytes"] == sum(r["bytes"] for r in p["rows"])
     assert all(r["images_per_s"] > 0 for r in p["rows"])
@@ -49,12 +49,12 @@ def test_store_bytes_match_a_real_store(tmp_path, image_folder, dtype):
                   {"chunk_size": 16, "num_workers": 0, "device": "cpu", "dtype": dtype})  # 48 = 3 whole chunks
     store = Path(rec["store"])
     group = zarr.open_group(str(store), mode="r")
-    arrays = [d for d in store.iterdir() if d.is_dir() and d.name not in ("labels", "progress")]
+    arrays = [d for d in store.iterdir() if d.is_dir() and d.name not in ("labels", "order", "progress")]
     tokens = [d for d in arrays if not d.name.endswith("_scale")]
     assert {d.name for d in tokens} == {"layer_00", "layer_01", "layer_02", "final"}
     on_disk = sum(f.stat().st_size for d in tokens for f in d.rglob("*") if f.is_file() and f.name != "zarr.json")
-    # labels and int8 scales are small and zarr compresses them: the plan counts their raw size
-    labels = group["labels"].nbytes + sum(group[d.name].nbytes for d in arrays if d.name.endswith("_scale"))
+    # labels, the row order and int8 scales are small and zarr compresses them: the plan counts their raw size
+    labels = group["labels"].nbytes + group["order"].nbytes + sum(group[d.name].nbytes for d in arrays if d.name.endswith("_scale"))
     assert (len(arrays) - len(tokens)) == (4 if dtype == "int8" else 0)
     cfg = {"datasets": {"toy": {k: v for k, v in image_folder.items() if k != "name"}},
            "models": {"a": spec}, "extract": {"dtype": dtype, "compressor": "none"},
@@ -198,7 +198,7 @@ def test_extraction_time_is_the_slowest_of_compute_copy_and_write():
         b = r["bounds_s_per_image"]
         assert b["compute"] == pytest.approx(shape["forward_flops"] / forward_flops(cost.ref_shape) / ref["capture_img_s"])
         assert b["write"] == pytest.approx(r["bytes_per_image"] / ref["write_bytes_s"]["none"])
-        assert b["copy"] == pytest.approx((r["bytes_per_image"] - 8) / ref["host_copy_bytes_s"])
+        assert b["copy"] == pytest.approx((r["bytes_per_image"] - 8 - 8) / ref["host_copy_bytes_s"])  # no label, no order
         assert r["gpu_seconds"] == pytest.approx(r["images"] * max(b.values())) and r["bound"] == max(b, key=b.get)
 
 
@@ -220,7 +220,7 @@ def test_registry_models_are_planned_without_weights(tmp_path, monkeypatch, caps
         assert (s["tokens"], s["width"], s["depth"], s["mlp_ratio"]) == (t, 1024, 24, 4.0)
         row = next(r for r in p["rows"] if r["model"] == name and r["dataset"] == "fmow" and r["split"] == "train")
         assert row["images"] == 14260 and row["bytes_per_layer_image"] == t * 1024 * 2
-        assert row["bytes_per_image"] == t * 1024 * 2 * 26 + 8
+        assert row["bytes_per_image"] == t * 1024 * 2 * 26 + 8 + 8  # + label, row order
     # DINOv2-L/14 at 224 px is the reference model: it captures at exactly the reference rate
     d2 = next(r for r in p["rows"] if r["model"] == "dinov2")
     assert 1 / d2["bounds_s_per_image"]["compute"] == pytest.approx(REFERENCES["h100"]["capture_img_s"])

@@ -19,24 +19,31 @@ def _spec(name="a", **kw):
     return {"name": name, **tiny_vit(**kw)}
 
 
-def test_round_trip_matches_forward(tmp_path, image_folder):
+@pytest.mark.parametrize("view, order_seed", [("shared", 0), ("native", None)])
+def test_round_trip_matches_forward(tmp_path, image_folder, view, order_seed):
     rec = extract(_spec(), image_folder, "train", tmp_path / "cache",
-                  {"chunk_size": 16, "batch_size": 7, "num_workers": 0, "dtype": "float32"})
+                  {"chunk_size": 16, "batch_size": 7, "num_workers": 0, "dtype": "float32", "view": view,
+                   "order_seed": order_seed})
     store = FeatureStore(rec["store"])
     assert store.num_images == 48 and store.layers == [0, 1, 2, 3]
     bb = create_backbone("timm:vit_small_patch16_224", **_spec()["kwargs"])
     from stitchcache.data import open_split
 
     split = open_split(image_folder, "train")
-    t = bb.preprocess.transform()
-    x = torch.stack([t(split.image(i)) for i in range(5)])
+    order = store.order
+    assert sorted(order) == list(range(48))
+    assert (list(order) == list(range(48))) == (order_seed is None)
+    t = bb.preprocess.for_view(view).transform()
+    x = torch.stack([t(split.image(int(order[i]))) for i in range(5)])
     with torch.no_grad():
         hs = bb.forward_layers(x)
         z = bb(x)
     for l in range(4):
         np.testing.assert_allclose(store.layer(l)[:5], hs[l].numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(store.final[:5], z.numpy(), rtol=1e-5, atol=1e-5)
-    assert list(store.labels[:]) == [split.label(i) for i in range(48)]
+    assert list(store.labels[:]) == [split.label(int(i)) for i in order]
+    assert store.image_ids(split) == [split.image_id(int(i)) for i in order]
+    assert store.image_ids(split)[0] == f"class{split.label(int(order[0]))}/{int(order[0]) % 24:03d}.png"
 
 
 def test_same_inputs_same_key_changed_input_new_key(tmp_path, image_folder):
@@ -50,6 +57,9 @@ def test_same_inputs_same_key_changed_input_new_key(tmp_path, image_folder):
     changed["splits"]["train"]["count"] = 40
     d = extract(_spec("a"), changed, "train", tmp_path / "c", s)
     assert d["store"] != a["store"]
+    e = extract(_spec("a"), image_folder, "train", tmp_path / "c", {**s, "view": "native"})
+    f = extract(_spec("a"), image_folder, "train", tmp_path / "c", {**s, "order_seed": 1})
+    assert len({a["store"], e["store"], f["store"]}) == 3
 
 
 def test_reader_refuses_incomplete_store(tmp_path):

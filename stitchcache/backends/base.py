@@ -14,7 +14,7 @@ Subclasses live in ``stitchcache/backends/`` and implement only ``embed``, ``blo
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -34,6 +34,9 @@ class Preprocess:
     # shortest:    shorter side -> resize, centre crop (torchvision, timm, open_clip CLIP)
     # shortest_hf: the same with floored crop offsets (HF image processors: DINOv2, CLIP)
     # squash:      resize straight to size, aspect ratio not kept (SigLIP, HF DINOv3)
+    # shared_box:  the largest centred box of size's aspect ratio (crop fraction 1.0), resized to
+    #              size: the region depends only on the image and the aspect ratio, so two models
+    #              of one grid see the same pixels per token (extract.view: shared; see for_view)
     resize_mode: str = "shortest"
 
     def to_dict(self) -> dict:
@@ -54,6 +57,16 @@ class Preprocess:
             channels=int(d.get("channels", 3)),
             resize_mode=d.get("resize_mode", "shortest"),
         )
+
+    def for_view(self, view: str) -> "Preprocess":
+        """The preprocessing for an ``extract.view`` policy: 'native' = this library's own;
+        'shared' = the same image region for every model (``shared_box``), resized to this model's
+        size with its own interpolation, mean and std."""
+        if view == "native":
+            return self
+        if view == "shared":
+            return replace(self, resize_mode="shared_box", resize=min(self.size))
+        raise ValueError(f"unknown extract.view {view!r} (shared | native)")
 
     def transform(self):
         """A torchvision transform: PIL image -> float tensor (C, H, W)."""
@@ -84,9 +97,29 @@ class Preprocess:
                 return img.crop((left, top, left + cw, top + ch))
 
             resize = [T.Resize(self.resize, interpolation=interp), T.Lambda(floor_center_crop)]
+        elif self.resize_mode == "shared_box":
+            size = list(self.size)
+
+            def shared_box(img):
+                top, left, h, w = center_box(img.size, self.size)
+                return T.functional.resized_crop(img, top, left, h, w, size, interpolation=interp)
+
+            resize = [T.Lambda(shared_box)]
         else:
-            raise ValueError(f"unsupported resize_mode {self.resize_mode!r} (shortest | shortest_hf | squash)")
+            raise ValueError(f"unsupported resize_mode {self.resize_mode!r} (shortest | shortest_hf | squash | shared_box)")
         return T.Compose([T.Lambda(to_channels), *resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+
+def center_box(image_wh: tuple[int, int], size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the largest centred box of ``size_hw``'s aspect ratio inside an
+    image of ``image_wh`` (PIL order): integer pixels, a function of the image and the aspect only."""
+    w, h = image_wh
+    H, W = size_hw
+    if w * H >= h * W:  # image at least as wide as the box: full height
+        bh, bw = h, min(w, max(1, round(h * W / H)))
+    else:
+        bw, bh = w, min(h, max(1, round(w * H / W)))
+    return (h - bh) // 2, (w - bw) // 2, bh, bw
 
 
 @dataclass

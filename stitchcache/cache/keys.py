@@ -5,7 +5,9 @@ import hashlib
 import json
 
 # Bump when extraction changes what lands in a store (forces new keys; old stores stay valid).
-EXTRACT_FORMAT_VERSION = 2  # 2: high-bit-depth images scaled to 8 bits (were clipped)
+# 2: high-bit-depth images scaled to 8 bits (were clipped); rows in a seeded random order (`order`
+# array) and the view policy (shared | native), both keyed through token_settings.
+EXTRACT_FORMAT_VERSION = 3
 
 # `extract:` settings that change how a store is computed or laid out on disk, never its values.
 # Every other extract setting (layers, dtype, view, and any key added later) enters both the store
@@ -20,7 +22,7 @@ NON_TOKEN_SETTINGS = frozenset({
     "seed",          # extraction draws no random numbers (random-init weights use a fixed seed)
     "lock_timeout",  # how long to wait for another writer
 })
-TOKEN_SETTING_DEFAULTS = {"layers": "all", "dtype": "float16"}
+TOKEN_SETTING_DEFAULTS = {"layers": "all", "dtype": "float16", "view": "shared", "order_seed": 0}
 
 
 def canonical(obj) -> str:
@@ -54,6 +56,4 @@ def feature_key_parts(*, backbone_facts: dict, weights_digest: str, manifest_dig
         "versions": model_inputs["versions"],
         "dataset": manifest_digest,
         "settings": {**token_settings(settings), "layers": sorted(int(l) for l in layers), "dtype": dtype},
-        "layers": sorted(int(l) for l in layers),
-        "dtype": dtype,
     }

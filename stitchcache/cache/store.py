@@ -7,6 +7,8 @@ Layout of ``<cache_root>/features/<key>/``::
     final                     (N, T, D) final-norm tokens (pre-logit)
     labels                    (N,) int64 class indices, or for segmentation (N, H, W) uint8 masks at the
                               model's input size (255 = ignore); attributes task / num_classes / ignore_index
+    order                     (N,) int64: row i holds image order[i] of the dataset split (a seeded
+                              permutation, so chunks mix classes; FeatureStore.order / image_ids)
     <array>_scale             (N, T) float32 per-token scales, only when dtype is int8 (see quant.py)
     progress/chunk_000012     marker: every array's chunk 12 is written
     COMPLETE                  written last, atomically: the store is finished and may be read
@@ -117,6 +119,22 @@ class FeatureStore:
     def labels(self) -> zarr.Array:
         return self.group["labels"]
 
+    @property
+    def order(self) -> np.ndarray:
+        """(N,) int64: the dataset-split index of each row (identity for stores without ``order``)."""
+        if "order" in self.group:
+            return np.asarray(self.group["order"][:], dtype=np.int64)
+        return np.arange(self.num_images, dtype=np.int64)
+
+    def image_ids(self, split) -> list[str]:
+        """The manifest image id of every row, from the dataset split the store was extracted from
+        (``data.open_split``; checked against the store's manifest digest)."""
+        want = (self.attrs.get("dataset") or {}).get("manifest")
+        if want is not None and split.digest() != want:
+            raise ValueError(f"feature store {self.path.name}: split {split.name!r} is not the data it was extracted "
+                             f"from (manifest {split.digest()[:12]} vs {want[:12]})")
+        return [split.image_id(int(i)) for i in self.order]
+
     def array(self, name: str | int):
         """'final', 'labels' or a layer index (or 'layer_06')."""
         if isinstance(name, int) or str(name).isdigit():
@@ -173,7 +191,8 @@ class StoreWriter:
     def __init__(self, path, *, num_images: int, layers: list[int], num_tokens: int, width: int,
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
                  compressor: str = "none", shard_size: int | None = None,
-                 label_shape: tuple = (), label_dtype: str = "int64", lock_timeout: float = 0.0):
+                 label_shape: tuple = (), label_dtype: str = "int64", lock_timeout: float = 0.0,
+                 order=None):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
@@ -190,6 +209,9 @@ class StoreWriter:
         self.layers = sorted(int(l) for l in layers)
         self.label_shape, self.label_dtype = tuple(int(x) for x in label_shape), str(np.dtype(label_dtype))
         self.progress = self.path / "progress"
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
+        if self.order is not None and self.order.shape != (self.num_images,):
+            raise ValueError(f"{self.path}: order has shape {self.order.shape}, expected ({self.num_images},)")
         shape = (self.num_images, int(num_tokens), int(width))
         try:
             old = None
@@ -242,6 +264,9 @@ class StoreWriter:
                                 shards=(S, *L) if S else None,
                                 dimension_names=("image", "y", "x")[:1 + len(L)] if len(L) in (0, 2) else None,
                                 config={"write_empty_chunks": True})
+        if self.order is not None:  # dataset index of each row, written whole before the attributes
+            self.group.create_array("order", shape=(self.num_images,), dtype="int64", chunks=(max(self.num_images, 1),),
+                                    dimension_names=("image",))[:] = self.order
         # one metadata write (zarr's attrs.update writes zarr.json once per key: a kill in between
         # would leave a store that looks created but lacks its geometry)
         self.group.update_attributes({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,

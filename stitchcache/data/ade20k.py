@@ -77,6 +77,9 @@ class ADE20KSplit(Split):
     def image_id(self, i):
         return str(self.image_path(i).relative_to(self.root))
 
+    def image_id(self, i):
+        return f"images/{self.image_dir.name}/{self.items[i]}.jpg"
+
     def label(self, i) -> Image.Image:
         path = self.mask_dir / f"{self.items[i]}.png"
         with Image.open(path) as m:

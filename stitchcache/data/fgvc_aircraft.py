@@ -94,6 +94,9 @@ class FGVCAircraftSplit(Split):
     def label(self, i):
         return self.items[i][1]
 
+    def image_id(self, i):
+        return f"images/{self.items[i][0]}.jpg"
+
     def manifest(self):
         if self._manifest is None:
             items = []

@@ -57,5 +57,8 @@ class ImageFolderSplit(Split):
     def label(self, i):
         return self.items[i][1]
 
+    def image_id(self, i):
+        return self.items[i][0]
+
     def manifest(self):
         return {"type": "image_folder", "classes": self.classes, "items": self.items}

@@ -5,6 +5,7 @@ from .base import Split
 from .fashion_mnist import FashionMNISTSplit
 from .fgvc_aircraft import FGVCAircraftSplit
 from .image_folder import ImageFolderSplit
+from .holdout import apply_holdout
 from .image_list import ImageListSplit
 
 DATASET_TYPES = ("fashion_mnist", "image_folder", "image_list", "fgvc_aircraft", "ade20k")
@@ -29,12 +30,19 @@ def class_order_advice(kind: str | None) -> str:
 
 
 def open_split(dataset_spec: dict, split: str) -> Split:
-    """dataset_spec: a config ``datasets.<name>`` entry (with ``name``); split: a key of its ``splits``."""
+    """dataset_spec: a config ``datasets.<name>`` entry (with ``name``); split: a key of its ``splits``.
+    A split with ``holdout:`` is a seeded share of another split, which then excludes it (holdout.py)."""
     name = dataset_spec.get("name", "?")
     splits = dataset_spec.get("splits", {})
     if split not in splits:
         raise KeyError(f"dataset {name!r} has no split {split!r} (config datasets.{name}.splits: {sorted(splits)})")
-    s = dict(splits[split])
+    return apply_holdout(name, split, splits, lambda n: _open_listed(dataset_spec, n))
+
+
+def _open_listed(dataset_spec: dict, split: str) -> Split:
+    """A split as its config entry lists it (no holdout applied)."""
+    name = dataset_spec.get("name", "?")
+    s = dict(dataset_spec["splits"][split])
     kind = dataset_spec.get("type")
     if kind not in DATASET_TYPES:
         raise ValueError(f"dataset {name!r}: unknown type {kind!r} (known: {', '.join(DATASET_TYPES)})")

@@ -49,8 +49,18 @@ def mask_transform(preprocess, fill: int = IGNORE_INDEX):
             return m.crop((left, top, left + cw, top + ch))
 
         ops = [T.Resize(preprocess.resize, interpolation=nearest), floor_center_crop]
+    elif mode == "shared_box":
+        from torchvision.transforms import functional as F
+
+        from ..backends.base import center_box
+
+        def shared_box(m):
+            top, left, h, w = center_box(m.size, size)
+            return F.resized_crop(m, top, left, h, w, list(size), interpolation=nearest)
+
+        ops = [shared_box]
     else:
-        raise ValueError(f"unsupported resize_mode {mode!r} (shortest | shortest_hf | squash)")
+        raise ValueError(f"unsupported resize_mode {mode!r} (shortest | shortest_hf | squash | shared_box)")
 
     def apply(mask):
         if mask.mode != "L":

@@ -1,4 +1,4 @@
-"""``python -m stitchcache data subset``: balanced per-class train / val lists for ``image_list``.
+"""``python -m stitchcache data subset``: balanced per-class train / val (/ test) lists for ``image_list``.
 
 From an image folder (``<root>/<class>/.../<image>``, any depth below the class folder) draw, per
 class and with a seed, ``--train`` images for ``train.csv`` and ``--val`` further images for
@@ -8,6 +8,8 @@ own validation split: fMoW has several images of one location, which must not st
 val). Paths in the lists are relative to ``--base`` (default: the common parent of the roots) —
 use that folder as the dataset's ``root:``. A class with too few images is an error naming it,
 unless ``--skip-short`` leaves it out (it is then also absent from the classes file).
+``--test`` (with optional ``--test-root``) draws a third disjoint list, ``test.csv``: the split
+every reported number uses, while ``val.csv`` is for selection (LR grid, early stopping).
 
     python -m stitchcache data subset --root /data/fmow/train --val-root /data/fmow/val \\
         --train 230 --val 26 --seed 0 --out /data/fmow/lists
@@ -36,37 +38,47 @@ def _images_by_class(root: Path) -> dict[str, list[Path]]:
 
 
 def balanced_subset(root, out, train: int, val: int, seed: int = 0, val_root=None, base=None,
-                    skip_short: bool = False) -> dict:
-    """Write ``<out>/train.csv``, ``<out>/val.csv`` (``path,label``) and ``<out>/classes.txt``;
-    returns {"base", "classes", "train", "val", "skipped"}. Deterministic for a given seed and folder
-    contents (files are sorted before the per-class shuffle)."""
-    root = Path(os.path.expanduser(str(root))).resolve()
-    vroot = Path(os.path.expanduser(str(val_root))).resolve() if val_root else None
+                    skip_short: bool = False, test: int = 0, test_root=None) -> dict:
+    """Write ``<out>/train.csv``, ``<out>/val.csv`` (``path,label``), with ``test`` > 0 also
+    ``<out>/test.csv``, and ``<out>/classes.txt``; returns {"base", "classes", "train", "val", "test",
+    "skipped"}. Deterministic for a given seed and folder contents (files are sorted before the
+    per-class shuffle); the lists are disjoint (val / test drawn after the earlier lists of the same
+    folder), and adding ``test`` leaves train and val as they were."""
+    def resolve(r):
+        return Path(os.path.expanduser(str(r))).resolve() if r else None
+
+    root, vroot, troot = resolve(root), resolve(val_root), resolve(test_root)
     base = Path(os.path.expanduser(str(base))).resolve() if base else Path(os.path.commonpath(
-        [str(root)] + ([str(vroot)] if vroot else [])))
-    pools = _images_by_class(root)
-    vpools = _images_by_class(vroot) if vroot else None
+        [str(r) for r in (root, vroot, troot) if r]))
+    roots = {"train": root, "val": vroot or root, "test": troot or root}
+    pools = {r: _images_by_class(r) for r in dict.fromkeys(roots.values())}
+    want = {"train": train, "val": val, "test": test}
     rng = np.random.default_rng(seed)
-    rows = {"train": [], "val": []}
+    rows = {"train": [], "val": [], "test": []}
     classes, skipped = [], []
-    for c in sorted(pools):
-        files = [pools[c][i] for i in rng.permutation(len(pools[c]))]
-        if vpools is None:
-            need, have = train + val, len(files)
-            tr, va = files[:train], files[train:train + val]
-        else:
-            vfiles = vpools.get(c, [])
-            vfiles = [vfiles[i] for i in rng.permutation(len(vfiles))]
-            need, have = (train, val), (len(files), len(vfiles))
-            tr, va = files[:train], vfiles[:val]
-        if len(tr) < train or len(va) < val:
+    for c in sorted(pools[root]):
+        shuffled = {}  # per folder, in first-use order: train, then val, then test (seeds stay stable)
+        for split in ("train", "val", "test"):
+            r = roots[split]
+            if r not in shuffled and (split != "test" or test):
+                files = pools[r].get(c, [])
+                shuffled[r] = [files[i] for i in rng.permutation(len(files))]
+        taken, chosen = {r: 0 for r in shuffled}, {}
+        for split in ("train", "val", "test"):
+            r = roots[split]
+            if r in shuffled:
+                chosen[split] = shuffled[r][taken[r]:taken[r] + want[split]]
+                taken[r] += want[split]
+        if any(len(chosen[k]) < want[k] for k in chosen):
             if skip_short:
                 skipped.append(c)
                 continue
+            need = {k: want[k] for k in chosen}
+            have = {str(r): len(f) for r, f in shuffled.items()}
             raise ValueError(f"data subset: class {c!r} has too few images (needs {need}, has {have}); "
-                             "lower --train/--val or pass --skip-short")
+                             "lower --train/--val/--test or pass --skip-short")
         classes.append(c)
-        for split, chosen in (("train", tr), ("val", va)):
+        for split, chosen in chosen.items():
             for f in chosen:
                 try:
                     rel = f.relative_to(base)
@@ -78,13 +90,15 @@ def balanced_subset(root, out, train: int, val: int, seed: int = 0, val_root=Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split, items in rows.items():
+        if split == "test" and not test:
+            continue
         with open(out / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "label"])
             w.writerows(items)
     (out / "classes.txt").write_text("".join(c + "\n" for c in classes))
     return {"base": str(base), "classes": len(classes), "train": len(rows["train"]), "val": len(rows["val"]),
-            "skipped": skipped, "out": str(out)}
+            "test": len(rows["test"]), "skipped": skipped, "out": str(out)}
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -94,6 +108,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("--val-root", help="draw val images from this folder instead (same layout)")
     s.add_argument("--train", type=int, required=True, help="training images per class")
     s.add_argument("--val", type=int, required=True, help="validation images per class")
+    s.add_argument("--test", type=int, default=0, help="test images per class (test.csv, the reported split); 0 = none")
+    s.add_argument("--test-root", help="draw test images from this folder instead (same layout)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="folder for train.csv, val.csv, classes.txt")
     s.add_argument("--base", help="folder the listed paths are relative to (default: common parent of the roots)")
@@ -101,14 +117,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    if args.train < 1 or args.val < 1:
-        raise SystemExit("error: --train and --val must be at least 1")
+    if args.train < 1 or args.val < 1 or args.test < 0:
+        raise SystemExit("error: --train and --val must be at least 1, --test at least 0")
     try:
         res = balanced_subset(args.root, args.out, args.train, args.val, seed=args.seed, val_root=args.val_root,
-                              base=args.base, skip_short=args.skip_short)
+                              base=args.base, skip_short=args.skip_short, test=args.test, test_root=args.test_root)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"wrote {res['out']}/train.csv ({res['train']} images), val.csv ({res['val']}), classes.txt "
+    test = f"test.csv ({res['test']}), " if res["test"] else ""
+    print(f"wrote {res['out']}/train.csv ({res['train']} images), val.csv ({res['val']}), {test}classes.txt "
           f"({res['classes']} classes{'; skipped ' + ', '.join(res['skipped']) if res['skipped'] else ''}); "
           f"use root: {res['base']} and classes: {Path(res['out']) / 'classes.txt'}")
     return 0

@@ -33,7 +33,7 @@ def linear_probe(x_tr, y_tr, x_va, y_va, num_classes: int, settings: dict, devic
     mu, sd = x_tr.mean(0, keepdim=True), x_tr.std(0, keepdim=True).clamp_min(1e-6)
     x_tr, x_va = ((x_tr - mu) / sd).to(device), ((x_va - mu) / sd).to(device)
     y_tr, y_va = y_tr.long().to(device), y_va.long().to(device)
-    bs = int(settings.get("batch_size", 256))
+    bs = int(settings.get("batch_size", 128))
     cfg = FitConfig.from_settings(settings)
 
     def batches(seed):
@@ -55,7 +55,7 @@ def linear_probe(x_tr, y_tr, x_va, y_va, num_classes: int, settings: dict, devic
 def seg_probe(train_store, val_store, num_prefix: int, grid, info: dict, settings: dict, device=None) -> dict:
     """The segmentation linear probe, streamed from the stores (see the module docstring)."""
     device = device or torch.device("cpu")
-    bs = int(settings.get("batch_size", 256))
+    bs = int(settings.get("batch_size", 128))
     cfg = FitConfig.from_settings(settings)
     C, ignore = int(info["num_classes"]), int(info["ignore_index"])
     width = train_store.final.shape[-1]

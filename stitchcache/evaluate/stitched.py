@@ -38,7 +38,7 @@ def export_final(tail: StitchedTail, src_store: FeatureStore, out_path: Path, at
     labels = src_store.labels  # class indices, or segmentation masks (N, H, W) carried over as they are
     with StoreWriter(out_path, num_images=src_store.num_images, layers=[], num_tokens=tgt.num_tokens,
                      width=tgt.width, dtype="float16", chunk_size=src.chunks[0], attrs=attrs,
-                     label_shape=labels.shape[1:], label_dtype=labels.dtype) as w:
+                     label_shape=labels.shape[1:], label_dtype=labels.dtype, order=src_store.order) as w:
         for ci in w.pending_chunks():
             a, b = w.chunk_range(ci)
             outs = []

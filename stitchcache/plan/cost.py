@@ -6,6 +6,7 @@ from __future__ import annotations
 ITEMSIZE = {"float16": 2, "float32": 4, "int8": 1}
 SCALE_BYTES = {"int8": 4}  # int8 stores add one float32 scale per token
 LABEL_BYTES = 8  # classification labels: int64 per image; segmentation: uint8 mask at the input size
+ORDER_BYTES = 8  # the store's row order: int64 per image (docs/stages/extract.md, "Row order")
 SEGMENTATION_TYPES = ("ade20k",)  # dataset types whose labels are masks (when the data cannot be opened)
 TRAIN_METHODS = ("lfm", "ffm", "tlt", "ffm_tlt")
 

@@ -10,7 +10,7 @@ import yaml
 from ..backends.check import ModelCheckError
 from ..config_checks import ConfigError, ConfigErrors
 from ..grid import stitch_seeds
-from .cost import ITEMSIZE, LABEL_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
+from .cost import ITEMSIZE, LABEL_BYTES, ORDER_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
 from .shapes import build_random_init, measure, model_shape
 
 
@@ -53,7 +53,12 @@ def split_info(dataset: dict, split: str) -> dict:
                 "num_classes": getattr(data, "num_classes", None)}
     except Exception as e:  # missing files, unknown type, ...: a plan never needs the data
         reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    count = s.get("count")
+    from ..data.holdout import planned_size
+
+    try:
+        count = planned_size(dataset.get("splits") or {}, split, dataset.get("name", "?")) if s else None
+    except ValueError as e:
+        count, reason = None, str(e)
     return {"images": count, "source": "count" if count is not None else None, "note": reason, "task": task,
             "num_classes": None}
 
@@ -147,7 +152,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     for d in ds_names:
         for name in used:
             s = shapes[name]
-            per_image = s["tokens_per_image"] + label_bytes(d, name)
+            per_image = s["tokens_per_image"] + label_bytes(d, name) + ORDER_BYTES
             compute = cost.capture(s)
             copy = s["tokens_per_image"] / cost.copy
             write = per_image / cost.write_rate(compressor)
@@ -167,7 +172,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     layers_ = list(st.get("layers", [1]))
     stitches = list(st.get("stitch_layers", ["mlp"]))
     methods = list(st.get("methods", list(TRAIN_METHODS)))
-    epochs = int(tr.get("max_epochs", 10)) * len(tr.get("lr_grid", [1e-3]))
+    epochs = int(tr.get("max_epochs", 100)) * len(tr.get("lr_grid", [1e-3]))
     n_seeds = len(stitch_seeds(cfg))  # every stitch trains and evaluates once per seed
     mlp_hidden = tr.get("mlp_hidden")
     rank = int(tr.get("lora_rank", 8))

@@ -40,14 +40,15 @@ from .model import load_checkpoint, save_checkpoint
 
 def check_aligned(a: dict, b: dict, what: str) -> None:
     da, db = a["dataset_digest"], b["dataset_digest"]
-    if da != db or a["num_images"] != b["num_images"]:
+    if da != db or a["num_images"] != b["num_images"] or a.get("row_order") != b.get("row_order"):
         raise SystemExit(f"error: {what}: source and target features were extracted from different images "
-                         f"({a['store']} vs {b['store']})")
+                         f"or in different row orders (extract.order_seed) ({a['store']} vs {b['store']})")
 
 
 def _record(path):
     rec, store = open_record(path)
     rec["dataset_digest"] = store.attrs["key_parts"]["dataset"]
+    rec["row_order"] = store.attrs["key_parts"].get("order_seed")  # rows pair up only in one order
     return rec, store
 
 

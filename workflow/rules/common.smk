@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from stitchcache.config_checks import ConfigErrors, check_config
 from stitchcache.grid import STITCH_WILDCARDS, once_seed, stitch_dir, stitch_pattern, stitch_seeds
+from stitchcache.data.holdout import related_splits
 from stitchcache.inputs import (
     concrete_model_spec,
     drop_if_stale,
@@ -246,11 +247,12 @@ def _settings(section, seed=None):
 
 
 def _dataset_spec(name, split):
-    """A dataset entry plus its name, with only the split the job reads (so editing another split
-    re-runs nothing)."""
+    """A dataset entry plus its name, with only the split the job reads and those deciding its images
+    (so editing another split re-runs nothing)."""
     d = config["datasets"][name]
     spec = {k: v for k, v in d.items() if k != "splits"}
-    spec.update(name=name, splits={split: d["splits"][split]})
+    # plus the splits that decide its images (a holdout and the split it holds out of)
+    spec.update(name=name, splits={s: d["splits"][s] for s in related_splits(d["splits"], split, name)})
     return json.dumps(spec, sort_keys=True)
 
 
