@@ -15,7 +15,7 @@ Layout (see docs/stages/report.md):
   ``PROBE_COLUMNS``), not as extra rows. ``build_table`` also stores them as JSON in the schema
   metadata key ``stitchcache.probes`` so ``table.parquet`` alone is enough to redraw everything;
   ``probe_table(table)`` gets them back.
-- ``write_table(table, probes, out_dir)`` writes ``table.parquet`` (schema metadata:
+- ``write_table(table, probes, out_dir)`` (in outputs.py, beside the renderers it calls) writes ``table.parquet`` (schema metadata:
   ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv``,
   ``table.md`` (averages over seeds where a cell has several) and ``paper_tables.md`` (tables
   shaped like the paper's, mean ± std over seeds; see paper.py).
@@ -24,14 +24,11 @@ Rows are sorted by dataset, cross before self, source, target, stitch, init (def
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from ..stitch.choices import DEFAULT_INIT, choice_name, parse_choice
 
@@ -288,36 +285,3 @@ def to_markdown(table, probes=None) -> str:
             out += _md(["source → target", "stitch", "method", "metric"] + lcols,
                        _by_layer(dist, layers, ["d_l", "d_L"], fmt_dist, labels))
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- writing
-
-def _version():
-    try:
-        from importlib.metadata import version
-        return version("stitchcache")
-    except Exception:
-        import stitchcache
-        return getattr(stitchcache, "__version__", "unknown")
-
-
-def write_table(table, probes, out_dir):
-    """Write table.parquet, table.csv, table.md and paper_tables.md under out_dir; returns the four paths.
-
-    probes: the base-probe table (``load_probes``) or None to use the one in ``table``'s metadata.
-    """
-    probes = probe_table(table) if probes is None else probes
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(table.schema.metadata or {})
-    meta.update({b"stitchcache_version": _version().encode(),
-                 b"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").encode(),
-                 PROBES_KEY: json.dumps(probes.to_pylist()).encode()})
-    table = table.replace_schema_metadata(meta)
-    from .paper import paper_tables
-    paths = out / "table.parquet", out / "table.csv", out / "table.md", out / "paper_tables.md"
-    pq.write_table(table, paths[0])
-    pcsv.write_csv(table, paths[1])
-    paths[2].write_text(to_markdown(table, probes) + "\n")
-    paths[3].write_text(paper_tables(table, probes) + "\n")
-    return paths
