@@ -181,6 +181,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     with StoreWriter(path, num_images=len(data), layers=layers, num_tokens=bb.num_tokens, width=bb.width,
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
                      compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size"),
+                     image_ids=data.image_ids(),  # row order = data order (see _run)
                      **_label_layout(data, bb)) as writer:
         pending = writer.pending_units()
         if len(pending) < writer.num_units:

@@ -5,7 +5,7 @@ import hashlib
 import json
 
 # Bump when extraction changes what lands in a store (forces new keys; old stores stay valid).
-EXTRACT_FORMAT_VERSION = 1
+EXTRACT_FORMAT_VERSION = 2   # 2: stores carry image_ids.json
 
 
 def canonical(obj) -> str:

@@ -8,6 +8,8 @@ Layout of ``<cache_root>/features/<key>/``::
     labels                    (N,) int64 class indices, or for segmentation (N, H, W) uint8 masks at the
                               model's input size (255 = ignore); attributes task / num_classes / ignore_index
     <array>_scale             (N, T) float32 per-token scales, only when dtype is int8 (see quant.py)
+    image_ids.json            the stable id of the image in each row (``FeatureStore.image_ids()``),
+                              a JSON list in row order; written at creation, before the geometry
     progress/chunk_000012     marker: every array's chunk 12 is written
     COMPLETE                  written last, atomically: the store is finished and may be read
 
@@ -35,6 +37,7 @@ DTYPES = {"float16": "float16", "float32": "float32", "int8": "int8"}
 
 
 # attributes _create writes last: a store without all of them was killed while being created
+IMAGE_IDS = "image_ids.json"
 _CREATED = ("num_images", "layers", "dtype", "chunk_size", "shard_size", "compressor", "num_tokens", "width")
 
 
@@ -119,6 +122,20 @@ class FeatureStore:
     def labels(self) -> zarr.Array:
         return self.group["labels"]
 
+    def image_ids(self) -> list[str]:
+        """The stable id of the image in each row, in row order (``Split.image_id``: the image's
+        relative path, or ``<source>:<index>``). Use this rather than a row index: rows need not be
+        in the dataset's order."""
+        path = self.path / IMAGE_IDS
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"feature store {str(self.path)!r} ({self.attrs.get('model_name', '?')}) records no image ids "
+                f"({IMAGE_IDS}); it was written before stores carried them: re-run its extraction")
+        ids = json.loads(path.read_text())
+        if len(ids) != self.num_images:
+            raise ValueError(f"{path}: {len(ids)} image ids for the store's {self.num_images} images")
+        return ids
+
     def array(self, name: str | int):
         """'final', 'labels' or a layer index (or 'layer_06')."""
         if isinstance(name, int) or str(name).isdigit():
@@ -172,7 +189,7 @@ class StoreWriter:
     def __init__(self, path, *, num_images: int, layers: list[int], num_tokens: int, width: int,
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
                  compressor: str = "none", shard_size: int | None = None,
-                 label_shape: tuple = (), label_dtype: str = "int64"):
+                 label_shape: tuple = (), label_dtype: str = "int64", image_ids: list[str] | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
@@ -192,6 +209,10 @@ class StoreWriter:
         self.dtype = dtype
         self.layers = sorted(int(l) for l in layers)
         self.label_shape, self.label_dtype = tuple(int(x) for x in label_shape), str(np.dtype(label_dtype))
+        if image_ids is not None and len(image_ids) != self.num_images:
+            self.close()
+            raise ValueError(f"{self.path}: {len(image_ids)} image ids for {self.num_images} images")
+        self.image_ids = None if image_ids is None else [str(i) for i in image_ids]
         self.progress = self.path / "progress"
         shape = (self.num_images, int(num_tokens), int(width))
         try:
@@ -245,6 +266,8 @@ class StoreWriter:
                                 shards=(S, *L) if S else None,
                                 dimension_names=("image", "y", "x")[:1 + len(L)] if len(L) in (0, 2) else None,
                                 config={"write_empty_chunks": True})
+        if self.image_ids is not None:
+            _atomic_write_text(self.path / IMAGE_IDS, json.dumps(self.image_ids))
         # one metadata write (zarr's attrs.update writes zarr.json once per key: a kill in between
         # would leave a store that looks created but lacks its geometry)
         self.group.update_attributes({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,

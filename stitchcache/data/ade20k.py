@@ -71,6 +71,9 @@ class ADE20KSplit(Split):
     def image(self, i):
         return load_image(self.image_dir / f"{self.items[i]}.jpg")
 
+    def image_id(self, i):
+        return str((self.image_dir / f"{self.items[i]}.jpg").relative_to(self.root))
+
     def label(self, i) -> Image.Image:
         path = self.mask_dir / f"{self.items[i]}.png"
         with Image.open(path) as m:

@@ -45,6 +45,14 @@ class Split:
     def manifest(self) -> dict:
         raise NotImplementedError
 
+    def image_id(self, i: int) -> str:
+        """A stable id of image ``i``, the same whichever split or slice holds it: the image's path
+        relative to the dataset root, or ``<source>:<index>`` for datasets without files."""
+        raise NotImplementedError(f"{type(self).__name__} has no image ids")
+
+    def image_ids(self) -> list[str]:
+        return [self.image_id(i) for i in range(len(self))]
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()
 

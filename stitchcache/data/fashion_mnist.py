@@ -75,6 +75,9 @@ class FashionMNISTSplit(Split):
     def label(self, i):
         return int(self._labels[self.start + i])
 
+    def image_id(self, i):
+        return f"{self.source}:{self.start + i}"   # index into the IDX file of its source
+
     def labels(self) -> np.ndarray:
         return self._labels[self.start : self.start + self.count].astype(np.int64)
 
