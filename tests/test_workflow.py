@@ -447,6 +447,14 @@ def test_tiny_workflow_end_to_end(tmp_path):
         if r["method"] in ("tlt", "ffm_tlt"):
             assert r["head_acc"] is not None and 0.0 <= r["head_acc"] <= 1.0, r
     assert any(r["kind"] == "self" for r in rows)
+    # held-out reporting: tiny.yaml has a test split, so every reported number is on it
+    assert {r["split"] for r in rows} == {"test"} and all(math.isfinite(r["d_L_rel"]) for r in rows)
+    pred = pq.read_table(wd / "results/stitch/fmnist/sup--ssl/layer1/mlp/tlt/predictions.parquet")
+    assert pred.num_rows == 128 and pred.schema.metadata[b"split"] == b"test"
+    assert pred.column("image").to_pylist()[0] == "test:128" and pred.column("pred_head").null_count == 0
+    assert pq.read_table(wd / "results/probes/fmnist/sup.predictions.parquet").num_rows == 128
+    findings = (wd / "results" / "findings.md").read_text()
+    assert findings.startswith("# Findings") and findings.count("## Finding") == 3
 
     again = snakemake(wd, "-n", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
