@@ -135,3 +135,12 @@ def test_matching_losses_skip_the_prefix_tokens():
     assert ffm_loss(ident, h, t, skip=1) == 0
     with pytest.raises(ValueError, match="train.match_tokens"):
         match_skip("cls", 1)
+
+
+def test_fashion_mnist_image_ids_name_the_source_index():
+    from conftest import FMNIST
+    from stitchcache.data.fashion_mnist import FashionMNISTSplit
+    if not FMNIST.is_dir():
+        pytest.skip("needs dataset-fashion-mnist")
+    ids = FashionMNISTSplit("test", root=str(FMNIST), source="test", start=1000, count=3).image_ids()
+    assert ids == ["test:1000", "test:1001", "test:1002"]   # disjoint from val (test:0..999) by construction
