@@ -181,8 +181,8 @@ def accuracy_figure(table):
         handles.append(Line2D([], [], **PROBE_STYLES["tgt"], label="target base linear probe"))
     evaluators = "refitted linear probe (every method)" + (
         " and trained task head (TLT, FFM→TLT)" if has_head else "")
-    fig.suptitle(f"Stitched model {metric_of(rows)} by stitch layer on {split_note(rows)}: {evaluators}",
-                 fontsize=10)
+    fig.suptitle(f"Stitched model {metric_of(rows)} by stitch layer: {evaluators}\non {split_note(rows)}",
+                 fontsize=9)
     return fig, handles, leg, ncol_leg
 
 
