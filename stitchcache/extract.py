@@ -204,6 +204,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
         raise SystemExit(f"error: extract.view {view!r} is not one of {' | '.join(VIEWS)}")
     preprocess = bb.preprocess.for_view(view)  # what this model's images really go through
     order = image_order(len(data), order_seed)
+    ids = data.image_ids()
     facts = bb.describe()
     parts = store_key_parts(bb, model_spec, data, settings)
     key = content_key(parts)
@@ -228,7 +229,8 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
                      dtype=dtype, chunk_size=int(settings.get("chunk_size", 256)), attrs=attrs,
                      compressor=settings.get("compressor", "none"), shard_size=settings.get("shard_size"),
                      lock_timeout=float(settings.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)),
-                     order=order, **_label_layout(data, bb)) as writer:
+                     order=order, image_ids=[ids[int(i)] for i in order],  # row r holds image order[r]
+                     **_label_layout(data, bb)) as writer:
         if writer.already_complete:
             log(f"cache hit: {path} was finished by another process while this one waited for it")
             return record

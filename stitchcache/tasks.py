@@ -16,6 +16,7 @@ A feature store says which task it holds in its attributes (``task``, ``num_clas
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,23 +180,42 @@ def predict_masks(logits: torch.Tensor, size, chunk: int = EVAL_UPSAMPLE_CHUNK) 
 
 
 @torch.no_grad()
-def head_metrics(head: nn.Module, batches, device, info: dict) -> dict:
+def head_metrics(head: nn.Module, batches, device, info: dict, per_image: bool = False) -> dict:
     """The task metric of ``head`` over ``batches`` of (final tokens, labels), streamed:
-    {"metric", "score", "accuracy"} or {"metric", "score", "miou", "pixel_acc", "classes_present"}."""
+    {"metric", "score", "accuracy"} or {"metric", "score", "miou", "pixel_acc", "classes_present"}.
+    ``per_image``: also "per_image": {"pred": (N,) int64} (classification) or {"miou", "pixel_acc":
+    (N,) float64, each image's own confusion matrix; NaN for an image without labelled pixels}."""
     head.eval()
+    rows = {}
     if info["task"] == SEGMENTATION:
         conf = Confusion(info["num_classes"], info["ignore_index"], device)
         for z, y in batches:
             logits = head(z.to(device))
-            conf.update(predict_masks(logits, y.shape[-2:]), y)
+            pred = predict_masks(logits, y.shape[-2:])
+            conf.update(pred, y)
+            if per_image:
+                for p1, y1 in zip(pred, y):
+                    c = Confusion(info["num_classes"], info["ignore_index"], device)
+                    c.update(p1, y1)
+                    r1 = c.result()
+                    rows.setdefault("miou", []).append(r1["miou"])
+                    rows.setdefault("pixel_acc", []).append(r1["pixel_acc"])
         r = conf.result()
-        return {"metric": "miou", "score": r["miou"], **r}
-    correct, n = 0, 0
-    for z, y in batches:
-        correct += (head(z.to(device)).argmax(1).cpu() == y).sum().item()
-        n += len(y)
-    acc = correct / max(n, 1)
-    return {"metric": "accuracy", "score": acc, "accuracy": acc}
+        out = {"metric": "miou", "score": r["miou"], **r}
+    else:
+        correct, n = 0, 0
+        for z, y in batches:
+            pred = head(z.to(device)).argmax(1).cpu()
+            correct += (pred == y).sum().item()
+            n += len(y)
+            if per_image:
+                rows.setdefault("pred", []).append(pred.numpy().astype(np.int64))
+        acc = correct / max(n, 1)
+        out = {"metric": "accuracy", "score": acc, "accuracy": acc}
+    if per_image:
+        out["per_image"] = {k: (np.concatenate(v) if k == "pred" else np.asarray(v, dtype=np.float64))
+                            for k, v in rows.items()}
+    return out
 
 
 def channel_stats(array, num_prefix: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ def test_dry_run_plans_the_whole_grid_and_lists_missing_inputs(paper_wd):
     n_pairs = 12 + 4  # ordered cross pairs + self-stitches
     n_stitch = len(DATASETS) * n_pairs * 6 * len(paper()["stitch"]["stitch_layers"]) * 4
     assert job_stats(proc) == {"extract": len(DATASETS) * 4 * 2, "probe": len(DATASETS) * 4,
-                               "train": n_stitch, "evaluate": n_stitch, "table": 1, "plot": 1, "all": 1}
+                               "train": n_stitch, "evaluate": n_stitch, "table": 1, "plot": 1, "findings": 1, "all": 1}
     err = proc.stderr
     assert "input(s) missing" in err
     for name, registry in MODELS.items():

@@ -83,7 +83,7 @@ def test_write_table_roundtrip_and_markdown(records, tmp_path):
     pq_path, csv_path, md_path, paper_path = write_table(t, load_probes(probes), tmp_path / "out")
     assert paper_path.name == "paper_tables.md" and paper_path.is_file()
     back = pq.read_table(pq_path)
-    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 19
+    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 23
     assert back.column_names == COLUMNS
     assert back.to_pylist() == t.to_pylist()
     meta = back.schema.metadata
@@ -94,8 +94,8 @@ def test_write_table_roundtrip_and_markdown(records, tmp_path):
     assert pcsv.read_csv(csv_path).num_rows == 48
 
     md = md_path.read_text()
-    for header in ("## fmnist", "### Base linear probes", "### Stitched probe accuracy (%) by layer",
-                   "### Feature distances d_l / d_L by layer (LFM vs FFM)", "| layer 1 | layer 2 | layer 3 |"):
+    for header in ("## fmnist", "### Base linear probes", "### Stitched model, refitted linear probe: accuracy (%) by layer",
+                   "### Feature distances d_l / d_L by layer (LFM vs FFM", "| layer 1 | layer 2 | layer 3 |"):
         assert header in md
     assert "| sup | mean | 85.3 | 0.01 | 12 |" in md
     acc = fake_eval("sup", "ssl", 1, "ffm")["probe_acc"]           # 0.71 -> "71.0"
@@ -501,12 +501,14 @@ def test_two_datasets_through_the_cli(tmp_path, capsys, monkeypatch):
     assert_png(res / "plots" / "accuracy.png")
     assert_png(res / "plots" / "distances.png")
     acc, dist = figs.figs
-    assert acc["titles"] == ["cifar: ssl → sup", "cifar: sup → ssl", "fmnist: ssl → sup", "fmnist: sup → ssl"]
+    assert acc["titles"] == [f"{p} — {e}" for p in ("cifar: ssl → sup", "cifar: sup → ssl", "fmnist: ssl → sup",
+                                                     "fmnist: sup → ssl")
+                             for e in ("refitted linear probe", "trained task head")]
     assert len(dist["titles"]) == 8 and dist["titles"][0].startswith("cifar: ssl → sup") \
         and dist["titles"][-1].startswith("fmnist: sup → ssl")
     for fig in (acc, dist):
         assert {"linear (default init) stitch", "linear (lstsq init) stitch", "mlp stitch"} <= set(fig["legend"])
-    assert set(acc["ylabels"]) == {"probe accuracy (%)"}
+    assert set(acc["ylabels"]) == {"probe accuracy (%)", "head accuracy (%)"}
 
 
 def test_a_dataset_with_another_metric(tmp_path, monkeypatch):
@@ -520,12 +522,12 @@ def test_a_dataset_with_another_metric(tmp_path, monkeypatch):
     _, _, md_path, _ = write_table(t, None, tmp_path / "out")
     md = md_path.read_text()
     cifar, fmnist = md.split("## cifar")[1].split("## fmnist")
-    assert "### Stitched probe mIoU (%) by layer" in cifar and "probe mIoU (%)" in cifar
-    assert "### Stitched probe accuracy (%) by layer" in fmnist and "mIoU" not in fmnist
+    assert "### Stitched model, refitted linear probe: mIoU (%) by layer" in cifar and "probe mIoU (%)" in cifar
+    assert "### Stitched model, refitted linear probe: accuracy (%) by layer" in fmnist and "mIoU" not in fmnist
     assert "Metric per dataset" in paper_tables(t) and "cifar: mIoU" in paper_tables(t)
     figs = _Figures(monkeypatch)
     plot_accuracy(t, tmp_path / "acc.png")
-    assert figs.figs[0]["ylabels"] == ["probe mIoU (%)"] * 2 + ["probe accuracy (%)"] * 2
+    assert figs.figs[0]["ylabels"] == ["probe mIoU (%)", "head mIoU (%)"] * 2 + ["probe accuracy (%)", "head accuracy (%)"] * 2
 
 
 def test_a_table_without_the_init_and_metric_columns_still_plots(records, tmp_path):

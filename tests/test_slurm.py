@@ -40,9 +40,9 @@ PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # jobs of the shrunk experiment, by rule; the backbone rules (extract, evaluate) and ffm training
-# ask for a GPU, and each of those 7 is its own sbatch job; the CPU jobs may be bundled in groups
-JOBS = {"extract": 4, "probe": 2, "train": 2, "evaluate": 2, "table": 1, "plot": 1}
-GPU_JOBS = 7
+# ask for a GPU, and each of those 9 is its own sbatch job; the CPU jobs may be bundled in groups
+JOBS = {"extract": 6, "probe": 2, "train": 2, "evaluate": 2, "table": 1, "plot": 1, "findings": 1}  # extract: 3 splits x 2
+GPU_JOBS = 9
 # a pending job with one of these reasons can never start on this cluster (e.g. asks for more CPUs
 # than the node has): fail at once instead of waiting for the timeout
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "ReqNodeNotAvail")
@@ -190,7 +190,7 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
             assert "slurm_partition=" in res, (rule, res)
         gpu.setdefault(rule, set()).add("gpu=1" in res)
     assert gpu == {"extract": {True}, "train": {True, False}, "evaluate": {True}, "probe": {False},
-                   "table": {False}, "plot": {False}, "all": {False}}
+                   "table": {False}, "plot": {False}, "findings": {False}, "all": {False}}
     lint = snakemake(workdir, "--lint", timeout=120)
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
 

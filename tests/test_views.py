@@ -76,10 +76,15 @@ def test_masks_follow_the_shared_view(pair):
 
 def test_view_is_part_of_the_store_key_and_the_request_key():
     facts = {"spec": {"name": "m"}, "preprocess": {}}
+    inputs = {"files": {}, "versions": {}}
     keys = {(v, o): str(feature_key_parts(backbone_facts=facts, weights_digest="w", manifest_digest="d",
-                                          layers=[1], dtype="float16", view=v, order_seed=o))
+                                          layers=[1], dtype="float16", model_inputs=inputs,
+                                          settings={"view": v, "order_seed": o}))
             for v in ("shared", "native") for o in (0, None)}
     assert len(set(keys.values())) == 4
+    defaults = str(feature_key_parts(backbone_facts=facts, weights_digest="w", manifest_digest="d", layers=[1],
+                                     dtype="float16", model_inputs=inputs, settings={}))
+    assert defaults == keys["shared", 0]  # omitted = the defaults
     spec = {"backbone": "timm:x", "kwargs": {}, "checkpoint": None}
     ds = {"name": "d", "type": "image_folder", "root": "/nonexistent", "splits": {"train": {}}}
     rk = {request_key(spec, ds, "train", e) for e in ({}, {"view": "shared"}, {"view": "native"},

@@ -28,9 +28,11 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # jobs of one tiny run: 2 models (both pretrained), splits train+val, pairs sup->ssl, ssl->sup plus
 # 2 self-stitches = 4 pairs, layers [1, 2], one stitch layer, 4 methods
-TINY_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+TINY_JOBS = {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1,
+             "findings": 1, "all": 1}   # extract: train / val / test of 2 models
 # the default: the same grid at layers [1, 3, 5], run for seeds [0, 1] (probes and pretraining once)
-DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 96, "evaluate": 96, "table": 1, "plot": 1, "all": 1}
+DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 96, "evaluate": 96, "table": 1, "plot": 1,
+                "findings": 1, "all": 1}
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -111,7 +113,7 @@ cmd, opts = argv[0], {}
 for i, a in enumerate(argv):
     if a.startswith("--") and i + 1 < len(argv):
         opts[a] = argv[i + 1]
-for key in ("--out", "--metrics"):
+for key in ("--out", "--metrics", "--predictions"):
     if key in opts:
         p = Path(opts[key]); p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stub": cmd}) if p.suffix == ".json" else "stub")
@@ -287,8 +289,8 @@ def test_models_without_pretrain_and_without_self_stitch(tmp_path):
     wd = make_workdir(tmp_path, cfg)
     stats = job_stats(snakemake(wd, "-n"))
     # ffm_tlt pulls in its ffm init (trained but not evaluated)
-    assert stats == {"pretrain": 1, "extract_pretrained": 2, "extract": 2, "probe": 2, "train": 6, "evaluate": 4,
-                     "table": 1, "plot": 1, "all": 1}
+    assert stats == {"pretrain": 1, "extract_pretrained": 3, "extract": 3, "probe": 2, "train": 6, "evaluate": 4,
+                     "table": 1, "plot": 1, "findings": 1, "all": 1}
 
 
 @pytest.mark.parametrize("device, gpu", [("cuda", "1"), ("cpu", "0")])
@@ -352,7 +354,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
     # a real (stubbed) run without the profile and without --resources: gpu jobs still run
     proc = snakemake(wd, "--cores", "2", "--workflow-profile", "none", pythonpath=fake, timeout=600)
     ran = read_calls(calls)
-    assert sorted({c[0] for c in ran}) == ["evaluate", "extract", "plot", "pretrain", "probe", "table", "train"]
+    assert sorted({c[0] for c in ran}) == ["evaluate", "extract", "findings", "plot", "pretrain", "probe", "table", "train"]
     assert len(ran) == sum(TINY_JOBS.values()) - 1
     for p in ("results/table.parquet", "results/plots/distances.png", "logs/table.log",
               "results/benchmarks/train/fmnist/sup--ssl/layer1/mlp/ffm/seed0.tsv",
@@ -370,12 +372,12 @@ def test_params_only_reruns(tmp_path, fake_cli):
 
     # train settings: only train and what depends on it
     assert plan(lambda c: c["train"].update(max_epochs=3)) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
     assert plan(lambda c: c["train"].update(lr_grid=[0.01, 0.001])) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
     # probe settings: base probes and the stitched-model probes inside evaluate, no training
     assert plan(lambda c: c["probe"].update(max_epochs=5)) == {
-        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
     # extract settings: extraction and everything downstream, but no pretraining
     assert plan(lambda c: c["extract"].update(batch_size=64)) == {
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
@@ -390,7 +392,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
 
     # a smaller grid: the existing stitches stay valid, only the table and plots are redone
     assert plan(lambda c: c["stitch"].update(layers=[1], methods=["lfm", "ffm"])) == {
-        "table": 1, "plot": 1, "all": 1}
+        "table": 1, "plot": 1, "findings": 1, "all": 1}
 
     # actually re-running after a train-only change calls no extract / pretrain
     n_before = len(read_calls(calls))
@@ -447,6 +449,14 @@ def test_tiny_workflow_end_to_end(tmp_path):
         if r["method"] in ("tlt", "ffm_tlt"):
             assert r["head_acc"] is not None and 0.0 <= r["head_acc"] <= 1.0, r
     assert any(r["kind"] == "self" for r in rows)
+    # held-out reporting: tiny.yaml has a test split, so every reported number is on it
+    assert {r["split"] for r in rows} == {"test"} and all(math.isfinite(r["d_L_rel"]) for r in rows)
+    pred = pq.read_table(wd / "results/stitch/fmnist/sup--ssl/layer1/mlp/tlt/predictions.parquet")
+    assert pred.num_rows == 128 and pred.schema.metadata[b"split"] == b"test"
+    assert pred.column("image").to_pylist()[0] == "test:128" and pred.column("pred_head").null_count == 0
+    assert pq.read_table(wd / "results/probes/fmnist/sup.predictions.parquet").num_rows == 128
+    findings = (wd / "results" / "findings.md").read_text()
+    assert findings.startswith("# Findings") and findings.count("## Finding") == 3
 
     again = snakemake(wd, "-n", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -455,6 +465,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     snakemake(wd, "--report", "report.html", timeout=300)
     html = (wd / "report.html").read_text()
     assert html.count("data:image/png") >= 2
-    for caption in ("Stitched linear-probe accuracy by stitch layer", "Layer feature distance d_l",
+    for caption in ("Stitched model accuracy by stitch layer with two evaluators", "Layer feature distance d_l",
+                    "The paper's three findings checked on these results",
                     "arranged like the paper's tables", "One row per stitched model"):
         assert caption in html, caption

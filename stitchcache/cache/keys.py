@@ -5,8 +5,9 @@ import hashlib
 import json
 
 # Bump when extraction changes what lands in a store (forces new keys; old stores stay valid).
-# 2: high-bit-depth images scaled to 8 bits (were clipped); rows in a seeded random order (`order`
-# array) and the view policy (shared | native), both keyed through token_settings.
+# 2: high-bit-depth images scaled to 8 bits (were clipped); 3: rows in a seeded random order
+# (`order` array), the view policy (shared | native), both keyed through token_settings, and
+# stores carry image_ids.json (per-row manifest ids).
 EXTRACT_FORMAT_VERSION = 3
 
 # `extract:` settings that change how a store is computed or laid out on disk, never its values.

@@ -10,6 +10,8 @@ Layout of ``<cache_root>/features/<key>/``::
     order                     (N,) int64: row i holds image order[i] of the dataset split (a seeded
                               permutation, so chunks mix classes; FeatureStore.order / image_ids)
     <array>_scale             (N, T) float32 per-token scales, only when dtype is int8 (see quant.py)
+    image_ids.json            the stable id of the image in each row (``FeatureStore.image_ids()``),
+                              a JSON list in row order; written at creation, before the geometry
     progress/chunk_000012     marker: every array's chunk 12 is written
     COMPLETE                  written last, atomically: the store is finished and may be read
 
@@ -39,6 +41,7 @@ DTYPES = {"float16": "float16", "float32": "float32", "int8": "int8"}
 
 
 # attributes _create writes last: a store without all of them was killed while being created
+IMAGE_IDS = "image_ids.json"
 _CREATED = ("num_images", "layers", "dtype", "chunk_size", "shard_size", "compressor", "num_tokens", "width")
 
 
@@ -126,9 +129,21 @@ class FeatureStore:
             return np.asarray(self.group["order"][:], dtype=np.int64)
         return np.arange(self.num_images, dtype=np.int64)
 
-    def image_ids(self, split) -> list[str]:
-        """The manifest image id of every row, from the dataset split the store was extracted from
-        (``data.open_split``; checked against the store's manifest digest)."""
+    def image_ids(self, split=None) -> list[str]:
+        """The stable manifest id of the image in each row, in row order (``Split.image_id``: the
+        image's relative path, or ``<source>:<index>``). Use this rather than a row index: rows are in a
+        seeded random order (``order``). Read from the store's image_ids.json; a store written before
+        stores carried it needs ``split`` (``data.open_split``, checked against the store's manifest)."""
+        path = self.path / IMAGE_IDS
+        if path.is_file():
+            ids = json.loads(path.read_text())
+            if len(ids) != self.num_images:
+                raise ValueError(f"{path}: {len(ids)} image ids for the store's {self.num_images} images")
+            return ids
+        if split is None:
+            raise FileNotFoundError(
+                f"feature store {str(self.path)!r} ({self.attrs.get('model_name', '?')}) records no image ids "
+                f"({IMAGE_IDS}); it was written before stores carried them: re-run its extraction")
         want = (self.attrs.get("dataset") or {}).get("manifest")
         if want is not None and split.digest() != want:
             raise ValueError(f"feature store {self.path.name}: split {split.name!r} is not the data it was extracted "
@@ -192,7 +207,7 @@ class StoreWriter:
                  dtype: str = "float16", chunk_size: int = 256, attrs: dict | None = None,
                  compressor: str = "none", shard_size: int | None = None,
                  label_shape: tuple = (), label_dtype: str = "int64", lock_timeout: float = 0.0,
-                 order=None):
+                 order=None, image_ids: list[str] | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} ({' | '.join(DTYPES)})")
         self.path = Path(path)
@@ -208,6 +223,10 @@ class StoreWriter:
         self.dtype = dtype
         self.layers = sorted(int(l) for l in layers)
         self.label_shape, self.label_dtype = tuple(int(x) for x in label_shape), str(np.dtype(label_dtype))
+        if image_ids is not None and len(image_ids) != self.num_images:
+            self.close()
+            raise ValueError(f"{self.path}: {len(image_ids)} image ids for {self.num_images} images")
+        self.image_ids = None if image_ids is None else [str(i) for i in image_ids]
         self.progress = self.path / "progress"
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
         if self.order is not None and self.order.shape != (self.num_images,):
@@ -267,6 +286,8 @@ class StoreWriter:
         if self.order is not None:  # dataset index of each row, written whole before the attributes
             self.group.create_array("order", shape=(self.num_images,), dtype="int64", chunks=(max(self.num_images, 1),),
                                     dimension_names=("image",))[:] = self.order
+        if self.image_ids is not None:
+            _atomic_write_text(self.path / IMAGE_IDS, json.dumps(self.image_ids))
         # one metadata write (zarr's attrs.update writes zarr.json once per key: a kill in between
         # would leave a store that looks created but lacks its geometry)
         self.group.update_attributes({**(attrs or {}), "num_images": self.num_images, "layers": self.layers,

@@ -80,6 +80,9 @@ class ADE20KSplit(Split):
     def image_id(self, i):
         return f"images/{self.image_dir.name}/{self.items[i]}.jpg"
 
+    def image_id(self, i):
+        return str((self.image_dir / f"{self.items[i]}.jpg").relative_to(self.root))
+
     def label(self, i) -> Image.Image:
         path = self.mask_dir / f"{self.items[i]}.png"
         with Image.open(path) as m:

@@ -60,6 +60,10 @@ class Split:
         p = self.image_path(i)
         return str(p) if p is not None else f"image {self.image_id(i)} of split {self.name!r}"
 
+    def image_ids(self) -> list[str]:
+        return [self.image_id(i) for i in range(len(self))]
+
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()
 

@@ -76,7 +76,7 @@ class FashionMNISTSplit(Split):
         return int(self._labels[self.start + i])
 
     def image_id(self, i):
-        return f"{self.source}:{self.start + i}"
+        return f"{self.source}:{self.start + i}"   # index into the IDX file of its source
 
     def labels(self) -> np.ndarray:
         return self._labels[self.start : self.start + self.count].astype(np.int64)

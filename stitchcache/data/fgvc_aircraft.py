@@ -95,7 +95,7 @@ class FGVCAircraftSplit(Split):
         return self.items[i][1]
 
     def image_id(self, i):
-        return f"images/{self.items[i][0]}.jpg"
+        return f"images/{self.items[i][0]}.jpg"   # relative to the data folder
 
     def manifest(self):
         if self._manifest is None:

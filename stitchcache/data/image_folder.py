@@ -58,7 +58,7 @@ class ImageFolderSplit(Split):
         return self.items[i][1]
 
     def image_id(self, i):
-        return self.items[i][0]
+        return str(self.items[i][0])   # path relative to the root
 
     def manifest(self):
         return {"type": "image_folder", "classes": self.classes, "items": self.items}

@@ -110,7 +110,7 @@ class ImageListSplit(Split):
         return self.items[i][1]
 
     def image_id(self, i):
-        return str(self.items[i][0])
+        return str(self.items[i][0])   # the listed path (relative to the root)
 
     def manifest(self):
         if self._manifest is None:

@@ -15,8 +15,9 @@ def configure_table_parser(p):
 
 def run_table(args):
     from ..runtime import json_arg
+    from .outputs import write_table
     from .stale import check_results
-    from .tables import build_table, probe_table, write_table
+    from .tables import build_table, probe_table
     if args.settings:
         check_results(args.evals, args.probes, json_arg(args.settings, "--settings"))
     table = build_table(args.evals, args.probes)
@@ -33,11 +34,11 @@ def configure_plot_parser(p):
     return p
 
 
-def run_plot(args):
+def read_results_table(path):
+    """The results table at ``path`` (table.parquet), checked for the columns every reader needs."""
     import pyarrow.parquet as pq
-    from .plots import plot_accuracy, plot_distances
     from .tables import COLUMNS, LATER_COLUMNS
-    path = Path(args.table)
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results table not found: {path}")
     try:
@@ -47,8 +48,32 @@ def run_plot(args):
     missing = [c for c in COLUMNS if c not in table.column_names and c not in LATER_COLUMNS]
     if missing:
         raise ValueError(f"{path}: results table lacks column(s) {', '.join(missing)}")
+    return table
+
+
+def run_plot(args):
+    from .plots import plot_accuracy, plot_distances
+    path = Path(args.table)
+    table = read_results_table(path)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = plot_accuracy(table, out / "accuracy.png"), plot_distances(table, out / "distances.png")
     print(f"plot: {table.num_rows} rows from {path} -> {', '.join(map(str, paths))}")
+    return 0
+
+
+def configure_findings_parser(p):
+    p.add_argument("--table", required=True, metavar="TABLE.parquet", help="output of the table stage")
+    p.add_argument("--out", required=True, metavar="FINDINGS.md", help="the findings section (Markdown)")
+    return p
+
+
+def run_findings(args):
+    from .findings import check_findings, findings_markdown
+    table = read_results_table(args.table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(findings_markdown(table) + "\n")
+    verdicts = ", ".join(f"finding {f.number}: {f.verdict}" for f in check_findings(table))
+    print(f"findings: {verdicts} -> {out}")
     return 0

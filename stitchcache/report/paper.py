@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 
 from ..stitch.choices import DEFAULT_INIT, parse_choice
-from .tables import (DASH, DEFAULT_METRIC, init_rank, method_rank, metric_name, probe_table, rows_of, stitch_labels,
-                     variant)
+from .tables import (DASH, DEFAULT_METRIC, init_rank, method_rank, metric_name, probe_table, rows_of, split_note,
+                     stitch_labels, variant)
 
 TLT_METHODS = ("tlt", "ffm_tlt")
 RECIPE_PREFERENCE = ("ffm_tlt", "tlt", "ffm", "lfm")   # the paper's recipe first
@@ -155,7 +155,7 @@ class _Results:
     def cell(self, ds, src, tgt, stitch, method, layer, field="task"):
         vals, fell = self.values(ds, src, tgt, stitch, method, layer, field)
         self.used_fallback |= fell
-        return fmt_cell(vals, "dist" if field in ("d_l", "d_L") else "acc", fell)
+        return fmt_cell(vals, "dist" if field.startswith("d_") else "acc", fell)
 
     def has(self, ds, src, tgt, stitch, method, layers, field="task"):
         return any(_ok(v) for l in layers for v in self.values(ds, src, tgt, stitch, method, l, field)[0])
@@ -215,7 +215,7 @@ def table1(R):
     out = ["## Table 1 — TLT with and without FFM pre-training", "",
            "Rows: the stitch layer's pre-training before task-loss training — No (TLT from a random "
            "init) and FFM (FFM→TLT); columns: stitch layer. Accuracy: the TLT task-head accuracy "
-           "(`head_acc`, %) on the validation split, as in the paper.", ""]
+           "(`head_acc`, %) on the reported split (see the header), as in the paper.", ""]
     skipped = _skipped_without(R, TLT_METHODS, "Table 1")
     if skipped:
         return out + skipped
@@ -302,7 +302,7 @@ def table4(R):
     out = ["## Table 4 — LFM vs FFM", "",
            "Per ordered pair S → T: the stitched model's linear-probe accuracy (%, the label-free "
            "methods' task accuracy) and the layer / final feature distances d_l, d_L (mean squared "
-           "error per element, validation split) by stitch layer, LFM next to FFM.", ""]
+           "error per element, reported split) by stitch layer, LFM next to FFM.", ""]
     skipped = _skipped_without(R, ("lfm", "ffm"), "Table 4")
     if skipped:
         return out + skipped
@@ -316,8 +316,11 @@ def table4(R):
                 continue
             models = sorted({x for p in pairs for x in p})
             body = []
+            fields = [("probe_acc", "probe acc (%)"), ("d_l", "d_l"), ("d_L", "d_L")]
+            fields += [(f, f) for f in ("d_l_rel", "d_L_rel")
+                       if any(_ok(r[f]) for r in R.where(dataset=ds, stitch=st, kind="cross"))]
             for src, tgt in pairs:
-                for field, label in (("probe_acc", "probe acc (%)"), ("d_l", "d_l"), ("d_L", "d_L")):
+                for field, label in fields:
                     for m in ("lfm", "ffm"):
                         body.append([_arrow(src, tgt), label, METHOD_NAMES[m]]
                                     + [R.cell(ds, src, tgt, st, m, l, field) for l in layers])
@@ -358,12 +361,14 @@ def tables5_9(R):
 
 def paper_tables(table, probes=None) -> str:
     """The paper-shaped tables as Markdown (see the module docstring)."""
-    R = _Results(table, probe_table(table) if probes is None else probes)
+    probes = probe_table(table) if probes is None else probes
+    R = _Results(table, probes)
     seeds = (f"Cells with several seeds show mean ± sample standard deviation over the seeds present "
              f"({', '.join(map(str, R.seeds))})." if len(R.seeds) > 1 else
              f"One seed ({R.seeds[0]}): no spread shown." if R.seeds else "")
     out = ["# Stitching results, shaped like the paper's tables", "",
-           "Accuracies in % (one decimal) on the validation split; the *task accuracy* shown is the TLT "
+           f"Accuracies in % (one decimal) on {split_note(R.rows, probes.to_pylist() if probes is not None else [])}; "
+           "the *task accuracy* shown is the TLT "
            "task-head accuracy (`head_acc`) for TLT / FFM→TLT and the stitched model's linear-probe "
            f"accuracy (`probe_acc`) for the label-free LFM / FFM. {DASH} = missing. {seeds}".rstrip(), ""]
     if not R.rows:

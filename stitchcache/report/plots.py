@@ -1,8 +1,12 @@
 """Figures from the results table (the `plot` stage), in the spirit of the paper's Figures 2-5.
 
-- ``plot_accuracy``: one panel per (dataset, source → target): stitched probe accuracy vs stitch
-  layer, one colour per method; the self-stitch controls of the same method dashed (S → S) and
-  dotted (T → T), with hollow markers; horizontal lines for the source and target base linear probes.
+- ``plot_accuracy``: per (dataset, source → target) a panel for each of the two evaluators, labelled
+  in every title and the suptitle: the *refitted linear probe* on the stitched final tokens
+  (``probe_acc``, every method) and, where TLT / FFM→TLT results exist, the *trained task head*
+  (``head_acc``, what paper Table 1 shows): accuracy vs stitch layer, one colour per method; the
+  self-stitch controls of the same method dashed (S → S) and dotted (T → T), with hollow markers;
+  horizontal lines for the source and target base linear probes. The plotted values are the seed
+  means of the table's columns, so they equal the Markdown / paper tables' cells.
 - ``plot_distances``: per (dataset, source → target) two panels, d_l and d_L vs layer, LFM vs FFM,
   log y-axis.
 Panels are the cross pairs of each dataset (its self pairs if it has none): several datasets are
@@ -22,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .tables import method_rank, metric_of, rows_of, stitch_labels, variant  # noqa: E402
+from .tables import method_rank, metric_of, rows_of, split_note, stitch_labels, variant  # noqa: E402
 
 METHOD_NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 METHOD_COLORS = {"lfm": "tab:blue", "ffm": "tab:orange", "tlt": "tab:green", "ffm_tlt": "tab:red"}
@@ -117,17 +121,28 @@ def _method_handles(methods, stitches, color, marker, labels) -> list:
     return handles
 
 
-def plot_accuracy(table, out_png):
+EVALUATORS = {"probe_acc": "refitted linear probe", "head_acc": "trained task head"}
+
+
+def accuracy_figure(table):
+    """The accuracy figure (see the module docstring). Every curve's gid is
+    ``<field>|<dataset>|<source>|<target>|<variant>|<method>`` (field: probe_acc or head_acc), so
+    tests can read back exactly what was drawn."""
     rows, labels = _rows(table)
     methods = sorted({r["method"] for r in rows}, key=method_rank)
     stitches = sorted({r["stitch"] for r in rows})
     color, marker = _colors(methods), dict(zip(stitches, STITCH_MARKERS * 4))
     panels = _panels(rows)
+    has_head = {(ds, s, t) for ds, s, t in panels
+                if any(_ok(r["head_acc"]) for r in rows if r["dataset"] == ds and r["source"] in (s, t)
+                       and r["target"] in (s, t))}
+    cells = [(p, f) for p in panels for f in ("probe_acc", "head_acc") if f == "probe_acc" or p in has_head]
     n_handles = len(methods) + len(stitches) * (len(stitches) > 1) + 5
     ncol_leg = min(n_handles, 6)
-    fig, axes, leg = _grid(len(panels), min(len(panels), 3), 4.8, 3.6, math.ceil(n_handles / ncol_leg))
+    ncols = 2 if has_head else min(len(panels), 3)
+    fig, axes, leg = _grid(len(cells), ncols, 4.8, 3.6, math.ceil(n_handles / ncol_leg))
     used = set()
-    for ax, (ds, src, tgt) in zip(axes, panels):
+    for ax, ((ds, src, tgt), field) in zip(axes, cells):
         drows = [r for r in rows if r["dataset"] == ds]
         all_layers = []
         for st in stitches:
@@ -136,10 +151,11 @@ def plot_accuracy(table, out_png):
                 if src != tgt:
                     curves += [("src", src, src, CONTROL_STYLES["src"]), ("tgt", tgt, tgt, CONTROL_STYLES["tgt"])]
                 for tag, s, t, ls in curves:
-                    x, y = _series(drows, "probe_acc", source=s, target=t, stitch=st, method=m)
+                    x, y = _series(drows, field, source=s, target=t, stitch=st, method=m)
                     if x:
                         ax.plot(x, [100 * v for v in y], ls=ls, color=color[m], marker=marker[st], ms=4,
-                                lw=1.8 if tag == "main" else 1.2, mfc=None if tag == "main" else "white")
+                                lw=1.8 if tag == "main" else 1.2, mfc=None if tag == "main" else "white",
+                                gid=f"{field}|{ds}|{s}|{t}|{st}|{m}")
                         used.add(tag)
                         all_layers += x
         for side, model in (("src", src), ("tgt", tgt))[: 1 if src == tgt else 2]:
@@ -148,8 +164,9 @@ def plot_accuracy(table, out_png):
                 ax.axhline(100 * acc, **PROBE_STYLES[side])
                 used.add("probe_" + side)
         _layer_axis(ax, all_layers)
-        ax.set_ylabel(f"probe {metric_of(drows)} (%)")
-        ax.set_title(f"{ds}: {src} → {tgt}", fontsize=10)
+        short = "probe" if field == "probe_acc" else "head"
+        ax.set_ylabel(f"{short} {metric_of(drows)} (%)")
+        ax.set_title(f"{ds}: {src} → {tgt} — {EVALUATORS[field]}", fontsize=10)
     handles = _method_handles(methods, stitches, color, marker, labels)
     handles.append(Line2D([], [], color="0.3", lw=1.8, marker="o", ms=4, label="S → T stitched"))
     if "src" in used:
@@ -159,11 +176,19 @@ def plot_accuracy(table, out_png):
         handles.append(Line2D([], [], color="0.3", ls=CONTROL_STYLES["tgt"], marker="o", mfc="white",
                                ms=4, label="T → T control"))
     if "probe_src" in used:
-        handles.append(Line2D([], [], **PROBE_STYLES["src"], label="source linear probe"))
+        handles.append(Line2D([], [], **PROBE_STYLES["src"], label="source base linear probe"))
     if "probe_tgt" in used:
-        handles.append(Line2D([], [], **PROBE_STYLES["tgt"], label="target linear probe"))
-    fig.suptitle(f"Stitched linear-probe {metric_of(rows)} by stitch layer", fontsize=11)
-    return _finish(fig, handles, leg, out_png, ncol_leg)
+        handles.append(Line2D([], [], **PROBE_STYLES["tgt"], label="target base linear probe"))
+    evaluators = "refitted linear probe (every method)" + (
+        " and trained task head (TLT, FFM→TLT)" if has_head else "")
+    fig.suptitle(f"Stitched model {metric_of(rows)} by stitch layer: {evaluators}\non {split_note(rows)}",
+                 fontsize=9)
+    return fig, handles, leg, ncol_leg
+
+
+def plot_accuracy(table, out_png):
+    fig, handles, leg, ncol = accuracy_figure(table)
+    return _finish(fig, handles, leg, out_png, ncol)
 
 
 def plot_distances(table, out_png):
@@ -193,5 +218,5 @@ def plot_distances(table, out_png):
             ax.set_ylabel("MSE per element")
             ax.set_title(f"{ds}: {src} → {tgt} — {name}", fontsize=10)
     handles = _method_handles(methods, stitches, color, marker, labels)
-    fig.suptitle("Feature distances of the stitched model (validation split)", fontsize=11)
+    fig.suptitle(f"Feature distances of the stitched model on {split_note(rows)}", fontsize=10)
     return _finish(fig, handles, leg, out_png, len(handles))

@@ -15,7 +15,7 @@ Layout (see docs/stages/report.md):
   ``PROBE_COLUMNS``), not as extra rows. ``build_table`` also stores them as JSON in the schema
   metadata key ``stitchcache.probes`` so ``table.parquet`` alone is enough to redraw everything;
   ``probe_table(table)`` gets them back.
-- ``write_table(table, probes, out_dir)`` writes ``table.parquet`` (schema metadata:
+- ``write_table(table, probes, out_dir)`` (in outputs.py, beside the renderers it calls) writes ``table.parquet`` (schema metadata:
   ``stitchcache_version``, ``created_at``, ``stitchcache.probes``; no config), ``table.csv``,
   ``table.md`` (averages over seeds where a cell has several) and ``paper_tables.md`` (tables
   shaped like the paper's, mean ± std over seeds; see paper.py).
@@ -24,14 +24,11 @@ Rows are sorted by dataset, cross before self, source, target, stitch, init (def
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from ..stitch.choices import DEFAULT_INIT, choice_name, parse_choice
 
@@ -41,9 +38,10 @@ SCHEMA = pa.schema([
     ("dataset", S), ("source", S), ("target", S), ("layer", I), ("stitch", S), ("init", S), ("method", S),
     ("kind", S), ("seed", I), ("metric", S), ("probe_acc", F), ("head_acc", F), ("d_l", F), ("d_L", F),
     ("lr", F), ("epochs", I), ("train_seconds", F), ("src_probe_acc", F), ("tgt_probe_acc", F),
+    ("split", S), ("d_l_rel", F), ("d_L_rel", F), ("match_tokens", S),
 ])
 PROBE_SCHEMA = pa.schema([("dataset", S), ("model", S), ("pool", S), ("metric", S), ("probe_acc", F), ("lr", F),
-                          ("epochs", I)])
+                          ("epochs", I), ("split", S)])
 COLUMNS = SCHEMA.names
 PROBE_COLUMNS = PROBE_SCHEMA.names
 EVAL_REQUIRED = ("dataset", "source", "target", "layer", "stitch", "method", "probe_acc", "d_l", "d_L")
@@ -51,7 +49,9 @@ PROBE_REQUIRED = ("dataset", "model", "probe_acc")
 PROBES_KEY = b"stitchcache.probes"
 DEFAULT_METRIC = "accuracy"
 METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU"}   # metric field -> display name (others as given)
-LATER_COLUMNS = ("init", "metric")   # absent from tables written before they existed; filled in on reading
+# absent from tables written before they existed; filled in on reading (split: val, the only one then)
+LATER_COLUMNS = ("init", "metric", "split", "d_l_rel", "d_L_rel", "match_tokens")
+SELECTION_SPLIT = "val"
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -100,6 +100,7 @@ def load_probes(probe_paths) -> pa.Table:
     for path in probe_paths:
         r = _coerce(_read_record(path, PROBE_REQUIRED, "probe result"), PROBE_SCHEMA, path)
         r["metric"] = r["metric"] or DEFAULT_METRIC
+        r["split"] = r["split"] or SELECTION_SPLIT
         key = (r["dataset"], r["model"])
         if key in seen:
             raise ValueError(f"{path}: second probe for dataset {key[0]!r} model {key[1]!r} (first: {seen[key]})")
@@ -141,6 +142,9 @@ def rows_of(table) -> list[dict]:
     for r in table.to_pylist():
         r = split_stitch(dict(r))
         r["metric"] = r.get("metric") or DEFAULT_METRIC
+        r["split"] = r.get("split") or SELECTION_SPLIT
+        for c in LATER_COLUMNS:
+            r.setdefault(c, None)
         rows.append(r)
     rows.sort(key=sort_key)
     return rows
@@ -177,6 +181,25 @@ def metric_of(rows, probes=()) -> str:
     return " / ".join(names) if names else DEFAULT_METRIC
 
 
+def split_note(rows, probes=()) -> str:
+    """Which split the numbers are on: 'the test split (selection on val)', or for val 'the val
+    split (reported on val, also used for selection: no test split)'; several: per dataset."""
+    by_ds = {}
+    for r in list(rows) + list(probes):
+        by_ds.setdefault(r["dataset"], set()).add(r.get("split") or SELECTION_SPLIT)
+
+    def one(splits):
+        names = sorted(splits)
+        if names == [SELECTION_SPLIT]:
+            return f"the {SELECTION_SPLIT} split (reported on {SELECTION_SPLIT}, also used for selection: no test split)"
+        return f"the {' / '.join(names)} split (selection on {SELECTION_SPLIT})"
+
+    notes = {ds: one(s) for ds, s in by_ds.items()}
+    if len(set(notes.values())) <= 1:
+        return next(iter(notes.values()), f"the {SELECTION_SPLIT} split")
+    return "; ".join(f"{ds}: {n}" for ds, n in sorted(notes.items()))
+
+
 def metric_short(metric):
     return "acc" if metric == DEFAULT_METRIC else metric
 
@@ -189,6 +212,7 @@ def build_table(eval_paths, probe_paths) -> pa.Table:
     for path in eval_paths:
         r = split_stitch(_coerce(_read_record(path, EVAL_REQUIRED, "evaluation result"), SCHEMA, path), path)
         r["metric"] = r["metric"] or DEFAULT_METRIC
+        r["split"] = r["split"] or SELECTION_SPLIT   # records written before `split` existed: val
         if r["kind"] is None:
             r["kind"] = "self" if r["source"] == r["target"] else "cross"
         r["src_probe_acc"] = acc.get((r["dataset"], r["source"]))
@@ -199,6 +223,16 @@ def build_table(eval_paths, probe_paths) -> pa.Table:
         seen[key] = path
         rows.append(r)
     rows.sort(key=sort_key)
+    splits = {}
+    for r in rows:
+        splits.setdefault(r["dataset"], {}).setdefault(r["split"], f"{r['source']}->{r['target']} @{r['layer']} {r['method']}")
+    for p in probes.to_pylist():
+        splits.setdefault(p["dataset"], {}).setdefault(p["split"], f"base probe {p['model']}")
+    for ds, by_split in splits.items():
+        if len(by_split) > 1:
+            raise ValueError(f"dataset {ds!r}: results on different splits ("
+                             + ", ".join(f"{s}: e.g. {what}" for s, what in sorted(by_split.items()))
+                             + "); re-run the stale ones so every number of a dataset is on one split")
     meta = {PROBES_KEY: json.dumps(probes.to_pylist()).encode()}
     return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(meta))
 
@@ -209,6 +243,7 @@ def probe_table(table) -> pa.Table:
     probes = json.loads(raw) if raw else []
     for p in probes:
         p["metric"] = p.get("metric") or DEFAULT_METRIC
+        p["split"] = p.get("split") or SELECTION_SPLIT
     return pa.Table.from_pylist(probes, schema=PROBE_SCHEMA)
 
 
@@ -256,10 +291,13 @@ def to_markdown(table, probes=None) -> str:
     probes = (probe_table(table) if probes is None else probes).to_pylist()
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     out = ["# Stitching results", "",
-           "Scores (accuracy unless a dataset names another metric) in % (one decimal) on the validation "
-           f"split; d_l, d_L: mean squared error per element (3 significant digits); {DASH} = missing; "
-           "(self) = self-stitch control; stitch: the stitch family and, where it is not the default, "
-           "its init." + (f" Cells are means over seeds {seeds}." if len(seeds) > 1 else ""), ""]
+           f"Scores (accuracy unless a dataset names another metric) in % (one decimal) on {split_note(rows, probes)}; "
+           f"d_l, d_L: mean squared error per element (3 significant digits), d_l_rel, d_L_rel: the same "
+           f"divided by the target tokens' mean per-channel variance (1.0 = predicting the mean); {DASH} = "
+           "missing; (self) = self-stitch control; stitch: the stitch family and, where it is not the "
+           "default, its init. Two evaluators: *refitted linear probe* (a new linear classifier on the "
+           "stitched model's final tokens, every method) and *trained task head* (the head trained with "
+           "the stitch, TLT / FFM→TLT only)." + (f" Cells are means over seeds {seeds}." if len(seeds) > 1 else ""), ""]
     for ds in sorted({r["dataset"] for r in rows} | {p["dataset"] for p in probes}):
         drows = [r for r in rows if r["dataset"] == ds]
         dprobes = [p for p in probes if p["dataset"] == ds]
@@ -274,50 +312,18 @@ def to_markdown(table, probes=None) -> str:
                     for p in dprobes] or [[DASH] * 5])
         if not drows:
             continue
-        out += [f"### Stitched probe {metric} (%) by layer", ""]
+        out += [f"### Stitched model, refitted linear probe: {metric} (%) by layer", ""]
         out += _md(["source → target", "stitch", "method"] + lcols,
                    _by_layer(drows, layers, ["probe_acc"], fmt_acc, labels))
         head = [r for r in drows if r["head_acc"] is not None]
         if head:
-            out += [f"### Task-head {metric} (%) by layer (TLT variants)", ""]
+            out += [f"### Stitched model, trained task head (TLT, FFM→TLT): {metric} (%) by layer", ""]
             out += _md(["source → target", "stitch", "method"] + lcols,
                        _by_layer(head, layers, ["head_acc"], fmt_acc, labels))
         dist = [r for r in drows if r["method"] in ("lfm", "ffm")]
         if dist:
-            out += ["### Feature distances d_l / d_L by layer (LFM vs FFM)", ""]
+            out += ["### Feature distances d_l / d_L by layer (LFM vs FFM; _rel: relative to the target's variance)", ""]
+            fields = ["d_l", "d_L"] + [f for f in ("d_l_rel", "d_L_rel") if any(r[f] is not None for r in dist)]
             out += _md(["source → target", "stitch", "method", "metric"] + lcols,
-                       _by_layer(dist, layers, ["d_l", "d_L"], fmt_dist, labels))
+                       _by_layer(dist, layers, fields, fmt_dist, labels))
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- writing
-
-def _version():
-    try:
-        from importlib.metadata import version
-        return version("stitchcache")
-    except Exception:
-        import stitchcache
-        return getattr(stitchcache, "__version__", "unknown")
-
-
-def write_table(table, probes, out_dir):
-    """Write table.parquet, table.csv, table.md and paper_tables.md under out_dir; returns the four paths.
-
-    probes: the base-probe table (``load_probes``) or None to use the one in ``table``'s metadata.
-    """
-    probes = probe_table(table) if probes is None else probes
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(table.schema.metadata or {})
-    meta.update({b"stitchcache_version": _version().encode(),
-                 b"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").encode(),
-                 PROBES_KEY: json.dumps(probes.to_pylist()).encode()})
-    table = table.replace_schema_metadata(meta)
-    from .paper import paper_tables
-    paths = out / "table.parquet", out / "table.csv", out / "table.md", out / "paper_tables.md"
-    pq.write_table(table, paths[0])
-    pcsv.write_csv(table, paths[1])
-    paths[2].write_text(to_markdown(table, probes) + "\n")
-    paths[3].write_text(paper_tables(table, probes) + "\n")
-    return paths

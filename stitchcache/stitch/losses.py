@@ -6,14 +6,27 @@ import torch.nn.functional as F
 METHODS = ("lfm", "ffm", "tlt", "ffm_tlt")
 
 
-def lfm_loss(stitch, h_src, h_tgt_l):
-    """Layer feature matching: || s(S_l(x)) - T_l(x) ||^2 — needs no backbone at all."""
-    return F.mse_loss(stitch(h_src), h_tgt_l)
+MATCH_TOKENS = ("all", "patch")
 
 
-def ffm_loss(tail, h_src, z_tgt):
-    """Final feature matching: || T_{l->L}(s(S_l(x))) - T_final(x) ||^2 over all final tokens."""
-    return F.mse_loss(tail(h_src), z_tgt)
+def match_skip(match_tokens: str, num_prefix: int) -> int:
+    """Leading (prefix) target tokens the matching losses and distances skip: 0 for ``all``, the
+    target's prefix count (CLS, registers) for ``patch`` (train.match_tokens)."""
+    if match_tokens not in MATCH_TOKENS:
+        raise ValueError(f"train.match_tokens must be one of {' | '.join(MATCH_TOKENS)}, got {match_tokens!r}")
+    return int(num_prefix) if match_tokens == "patch" else 0
+
+
+def lfm_loss(stitch, h_src, h_tgt_l, skip: int = 0):
+    """Layer feature matching: || s(S_l(x)) - T_l(x) ||^2 — needs no backbone at all.
+    ``skip``: leading target tokens left out (``match_skip``); (B, T, D) -> mean over (B, T - skip, D)."""
+    return F.mse_loss(stitch(h_src)[:, skip:], h_tgt_l[:, skip:])
+
+
+def ffm_loss(tail, h_src, z_tgt, skip: int = 0):
+    """Final feature matching: || T_{l->L}(s(S_l(x))) - T_final(x) ||^2 over the final tokens
+    (all, or the patch tokens with ``skip`` = the target's prefix count)."""
+    return F.mse_loss(tail(h_src)[:, skip:], z_tgt[:, skip:])
 
 
 def tlt_loss(tail, head, h_src, labels):

@@ -34,7 +34,7 @@ from .choices import parse_choice
 from .layers import STITCH_LAYERS, PrefixMap, Stitch, make_stitch_config
 from .lora import extract_block
 from .lstsq import lstsq_linear
-from .losses import METHODS, ffm_loss, lfm_loss
+from .losses import METHODS, ffm_loss, lfm_loss, match_skip
 from .model import load_checkpoint, save_checkpoint
 
 
@@ -155,12 +155,14 @@ def train_stitch(job: TrainJob) -> int:
     def tail(m, h):
         return target.forward_from(m["stitch"](h), l)
 
+    match_tokens = settings.get("match_tokens", "all")
+    skip = match_skip(match_tokens, tf["num_prefix_tokens"])  # lfm / ffm: patch tokens only with `patch`
     if method == "lfm":
         train_arrays, val_arrays = [st.layer(l), tt.layer(l)], [sv.layer(l), tv.layer(l)]
-        loss_fn = lambda m, b: lfm_loss(m["stitch"], b[0], b[1])
+        loss_fn = lambda m, b: lfm_loss(m["stitch"], b[0], b[1], skip)
     elif method == "ffm":
         train_arrays, val_arrays = [st.layer(l), tt.final], [sv.layer(l), tv.final]
-        loss_fn = lambda m, b: ffm_loss(lambda h: tail(m, h), b[0], b[1])
+        loss_fn = lambda m, b: ffm_loss(lambda h: tail(m, h), b[0], b[1], skip)
     else:
         train_arrays, val_arrays = [st.layer(l), st.labels], [sv.layer(l), sv.labels]
         loss_fn = lambda m, b: tlt_loss(lambda h: tail(m, h), m["head"], b[0], b[1])  # CE or per-pixel CE
@@ -187,7 +189,7 @@ def train_stitch(job: TrainJob) -> int:
             "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
     info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
-            "init": stitch_init,
+            "init": stitch_init, "match_tokens": match_tokens,
             "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default"),
             "provenance": fp}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)

@@ -5,6 +5,7 @@ Rules only reference the functions defined here; no logic lives in the rule file
 
 import json
 import os
+import shlex
 import shutil
 import sys
 
@@ -32,6 +33,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 NAME = "[A-Za-z0-9_]+"
 STITCH_SPLITS = ("train", "val")
+REPORT_SPLIT = "test"   # optional split of a stitch dataset: when present every reported number uses it
 
 
 wildcard_constraints:
@@ -195,6 +197,52 @@ def features(role, split):
     return record
 
 
+##### held-out reporting: selection on val, every reported number on test (when the dataset has it) #####
+
+
+def has_test_split(dataset):
+    return REPORT_SPLIT in config["datasets"][dataset]["splits"]
+
+
+def reported_split(dataset):
+    """The split every reported number of `dataset` is measured on: test, else val (also selection)."""
+    return REPORT_SPLIT if has_test_split(dataset) else "val"
+
+
+def stitch_dataset_splits(dataset):
+    """The splits of a stitch dataset the workflow extracts: train, val and (if present) test."""
+    return list(STITCH_SPLITS) + ([REPORT_SPLIT] if has_test_split(dataset) else [])
+
+
+def test_features(role):
+    """Input function: the test-split feature record of wildcard `role`, or nothing without a test split."""
+
+    def record(wildcards):
+        if not has_test_split(wildcards.dataset):
+            return []
+        return feature_record(wildcards.dataset, wildcards[role], REPORT_SPLIT)
+
+    record.__name__ = f"test_features_{role}"
+    return record
+
+
+def test_arg(flag, name):
+    """params: `--<flag> <input.name>` when the job has a test-split input, else nothing."""
+
+    def arg(wildcards, input):
+        path = input.get(name)
+        return f"--{flag} {shlex.quote(str(path))}" if path else ""
+
+    arg.__name__ = f"test_arg_{name}"
+    return arg
+
+
+def evaluate_test_args(wildcards, input):
+    """evaluate: --src-test / --tgt-test when the dataset has a test split."""
+    return " ".join(filter(None, (test_arg("src-test", "src_test")(wildcards, input),
+                                  test_arg("tgt-test", "tgt_test")(wildcards, input))))
+
+
 ##### input functions #####
 
 
@@ -226,8 +274,13 @@ def all_probes():
     return [f"results/probes/{dataset}/{m}.json" for dataset in stitch_datasets() for m in stitched_models()]
 
 
+def findings_targets():
+    """The findings section (results/findings.md), checked on the results table."""
+    return ["results/findings.md"]
+
+
 def all_targets():
-    return [
+    return findings_targets() + [
         "results/table.parquet",
         "results/table.md",
         "results/table.csv",
@@ -386,7 +439,7 @@ def _missing_inputs():
         spec = model_spec(name)
         if "pretrain" not in config["models"][name] and spec["checkpoint"] is not None:
             models[name] = {**spec, "hint": weights_hint(config["models"][name], spec["checkpoint"])}
-    datasets = {name: (dataset_entry(name), list(STITCH_SPLITS)) for name in stitch_datasets()}
+    datasets = {name: (dataset_entry(name), stitch_dataset_splits(name)) for name in stitch_datasets()}
     for name in pretrained_models():
         pre = config["models"][name]["pretrain"]
         entry = datasets.setdefault(pre["dataset"], (dataset_entry(pre["dataset"]), []))

@@ -45,3 +45,20 @@ rule plot:
         runtime=10,
     shell:
         "python -m stitchcache plot --table {input.table:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule findings:
+    input:
+        table="results/table.parquet",
+    output:
+        findings=report("results/findings.md", caption="../report/findings.rst", category="Findings"),
+    log:
+        "logs/findings.log",
+    conda:
+        "../envs/stitchcache.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m stitchcache findings --table {input.table:q} --out {output.findings:q} > {log:q} 2>&1"

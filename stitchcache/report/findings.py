@@ -1,0 +1,245 @@
+"""The paper's three findings as checkable claims over a results table (``results/findings.md``).
+
+``check_findings(table, probes=None) -> list[Finding]`` and ``findings_markdown(...) -> str``.
+Every claim is checked per (dataset, ordered cross pair S → T, stitch variant) on seed means; the
+numbers it used are printed with their seed spread (mean ± sample std, n seeds). Accuracies are the
+*task* accuracies of the paper's tables: the trained head (``head_acc``) for TLT / FFM→TLT, the
+refitted linear probe (``probe_acc``) for the label-free LFM / FFM and for the base models.
+
+Stitch points: the layers present for the dataset, sorted; *shallow* = the first third of them
+(at least one), *deep* = the last third (at least one); with a single layer there is no shallow /
+deep contrast and the claims that need one have not enough data.
+
+- Finding 1 (how the stitch is trained matters): (a) d_l(LFM) <= d_l(FFM) at every point;
+  (b) d_L(FFM) <= d_L(LFM) at every point; (c) at every shallow point LFM is below FFM (probe) and
+  TLT below FFM→TLT (head).
+- Finding 2 (FFM init helps TLT): (a) FFM→TLT >= TLT at every point; (b) the gain FFM→TLT − TLT,
+  averaged over the shallow points, is >= its average over the deep points.
+- Finding 3 (deep stitches beat their parts): at every deep point the FFM→TLT stitched model S → T
+  is >= both self-stitch controls S → S and T → T (same layer, stitch variant, method) and >= both
+  base linear probes.
+
+Verdicts: a claim *holds* when every comparison it makes holds, *does not hold* when one fails,
+*not enough data* when a value it needs is missing. A finding holds when all of its claims hold in
+every block, does not hold when any claim fails anywhere, else not enough data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, variant
+
+HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
+TLT_METHODS = ("tlt", "ffm_tlt")
+NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
+TITLES = {
+    1: "Stitch-layer training matters: LFM has the lower d_l, FFM the lower d_L, and LFM / TLT are "
+       "weaker at shallow stitch points",
+    2: "FFM initialisation helps task-loss training: FFM→TLT >= TLT, most at shallow stitch points",
+    3: "At deep stitch points the stitched model beats both self-stitch controls and both base linear probes",
+}
+
+
+@dataclass
+class Stat:
+    """Seed statistics of one cell: mean, sample std (None for one seed), number of seeds."""
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, vals):
+        vals = [v for v in vals if v is not None and not math.isnan(v)]
+        if not vals:
+            return cls(None, None, 0)
+        m = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        return cls(m, sd, len(vals))
+
+    def fmt(self, kind="acc"):
+        f = fmt_acc if kind == "acc" else fmt_dist
+        if self.mean is None:
+            return "missing"
+        spread = f" ± {f(self.std)}" if self.std is not None else ""
+        return f"{f(self.mean)}{spread} (n={self.n})"
+
+
+@dataclass
+class Check:
+    """One claim in one block (dataset, pair, stitch variant): its verdict and the numbers used."""
+    claim: str
+    verdict: str
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Finding:
+    number: int
+    title: str
+    verdict: str
+    checks: list[Check] = field(default_factory=list)
+
+
+def task_value(r):
+    """The task accuracy of one row: the head for TLT variants (None when absent), else the probe."""
+    return r["head_acc"] if r["method"] in TLT_METHODS else r["probe_acc"]
+
+
+def shallow_deep(layers):
+    layers = sorted(set(layers))
+    if len(layers) < 2:
+        return [], []
+    k = max(1, len(layers) // 3)
+    return layers[:k], layers[-k:]
+
+
+def _combine(verdicts):
+    verdicts = list(verdicts)
+    if any(v == FAILS for v in verdicts):
+        return FAILS
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return NO_DATA
+
+
+class _Block:
+    """The rows of one (dataset, S, T, stitch variant) plus the dataset's base probes."""
+
+    def __init__(self, rows, ds, src, tgt, st, probes):
+        self.ds, self.src, self.tgt, self.st = ds, src, tgt, st
+        self.rows = [r for r in rows if r["dataset"] == ds and r["stitch"] == st]
+        self.probes = probes
+        self.layers = sorted({r["layer"] for r in rows if r["dataset"] == ds})
+        self.shallow, self.deep = shallow_deep(self.layers)
+
+    def stat(self, method, layer, fld="task", src=None, tgt=None):
+        src, tgt = src or self.src, tgt or self.tgt
+        vals = [task_value(r) if fld == "task" else r[fld] for r in self.rows
+                if r["source"] == src and r["target"] == tgt and r["method"] == method and r["layer"] == layer]
+        return Stat.of(vals)
+
+    def compare(self, layers, lo, hi, what, kind="acc"):
+        """Check lo <= hi at every layer; lo / hi: (label, callable layer -> Stat)."""
+        if not layers:
+            return NO_DATA, [f"no {what} stitch points to compare"]
+        verdicts, ev = [], []
+        for l in layers:
+            a, b = lo[1](l), hi[1](l)
+            if a.mean is None or b.mean is None:
+                verdicts.append(NO_DATA)
+                ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)}, {hi[0]} {b.fmt(kind)}")
+                continue
+            ok = a.mean <= b.mean
+            verdicts.append(HOLDS if ok else FAILS)
+            ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}")
+        return _combine(verdicts), ev
+
+
+def _finding1(b: _Block):
+    m = lambda method, fld="task": (NAMES[method], lambda l: b.stat(method, l, fld))
+    checks = []
+    v, ev = b.compare(b.layers, m("lfm", "d_l"), m("ffm", "d_l"), "", "dist")
+    checks.append(Check("d_l(LFM) <= d_l(FFM) at every stitch point", v, ev))
+    v, ev = b.compare(b.layers, m("ffm", "d_L"), m("lfm", "d_L"), "", "dist")
+    checks.append(Check("d_L(FFM) <= d_L(LFM) at every stitch point", v, ev))
+    v1, ev1 = b.compare(b.shallow, m("lfm"), m("ffm"), "shallow")
+    v2, ev2 = b.compare(b.shallow, m("tlt"), m("ffm_tlt"), "shallow")
+    checks.append(Check(f"at shallow points {b.shallow or '(none)'}: LFM <= FFM (probe) and TLT <= FFM→TLT (head)",
+                        _combine([v1, v2]), ev1 + ev2))
+    return checks
+
+
+def _gain(b: _Block, layers):
+    """Mean over ``layers`` of the seed-mean gain FFM→TLT − TLT (None when any is missing)."""
+    gains = []
+    for l in layers:
+        a, t = b.stat("ffm_tlt", l), b.stat("tlt", l)
+        if a.mean is None or t.mean is None:
+            return None
+        gains.append(a.mean - t.mean)
+    return sum(gains) / len(gains) if gains else None
+
+
+def _finding2(b: _Block):
+    m = lambda method: (NAMES[method], lambda l: b.stat(method, l))
+    v, ev = b.compare(b.layers, m("tlt"), m("ffm_tlt"), "")
+    checks = [Check("FFM→TLT >= TLT (head) at every stitch point", v, ev)]
+    gs, gd = _gain(b, b.shallow), _gain(b, b.deep)
+    if gs is None or gd is None:
+        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", NO_DATA,
+                            [f"shallow {b.shallow or '(none)'}, deep {b.deep or '(none)'}: a TLT or FFM→TLT value is missing"]))
+    else:
+        ok = gs >= gd
+        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", HOLDS if ok else FAILS,
+                            [f"mean gain at shallow {b.shallow}: {100 * gs:+.1f} points {'>=' if ok else '<'} "
+                             f"at deep {b.deep}: {100 * gd:+.1f} points"]))
+    return checks
+
+
+def _finding3(b: _Block):
+    stitched = ("S → T " + NAMES["ffm_tlt"], lambda l: b.stat("ffm_tlt", l))
+    refs = [(f"S → S ({b.src} → {b.src})", lambda l: b.stat("ffm_tlt", l, src=b.src, tgt=b.src)),
+            (f"T → T ({b.tgt} → {b.tgt})", lambda l: b.stat("ffm_tlt", l, src=b.tgt, tgt=b.tgt))]
+    for model, side in ((b.src, "source"), (b.tgt, "target")):
+        p = b.probes.get((b.ds, model))
+        refs.append((f"{side} probe ({model})", lambda l, p=p: Stat.of([p])))
+    verdicts, ev = [], []
+    for ref in refs:
+        v, e = b.compare(b.deep, ref, stitched, "deep")
+        verdicts.append(v)
+        ev += e
+    return [Check(f"at deep points {b.deep or '(none)'}: FFM→TLT stitched >= S → S, T → T controls and both "
+                  "base probes", _combine(verdicts), ev)]
+
+
+def check_findings(table, probes=None) -> list[Finding]:
+    rows = rows_of(table)
+    for r in rows:
+        r["stitch"] = variant(r)
+    probes = probe_table(table) if probes is None else probes
+    pacc = {(p["dataset"], p["model"]): p["probe_acc"] for p in probes.to_pylist()}
+    for r in rows:   # the joined columns stand in for a probe table that lacks them
+        pacc.setdefault((r["dataset"], r["source"]), r.get("src_probe_acc"))
+        pacc.setdefault((r["dataset"], r["target"]), r.get("tgt_probe_acc"))
+    blocks = sorted({(r["dataset"], r["source"], r["target"], r["stitch"]) for r in rows if r["kind"] == "cross"})
+    out = []
+    for number, fn in ((1, _finding1), (2, _finding2), (3, _finding3)):
+        checks = []
+        for ds, src, tgt, st in blocks:
+            b = _Block(rows, ds, src, tgt, st, pacc)
+            for c in fn(b):
+                c.claim = f"{ds}, {pair_label({'source': src, 'target': tgt, 'kind': 'cross'})}, {st}: {c.claim}"
+                checks.append(c)
+        out.append(Finding(number, TITLES[number], _combine(c.verdict for c in checks), checks))
+    return out
+
+
+def reported_splits(table) -> list[str]:
+    if "split" not in table.column_names:
+        return []
+    return sorted({s for s in table.column("split").to_pylist() if s})
+
+
+def findings_markdown(table, probes=None) -> str:
+    found = check_findings(table, probes)
+    seeds = sorted({s for s in table.column("seed").to_pylist() if s is not None}) if table.num_rows else []
+    splits = reported_splits(table)
+    where = (f"split {' / '.join(splits)}" if splits else "the split the evaluations report")
+    if splits == ["val"]:
+        where += " (reported on val, also used for selection: no test split)"
+    out = ["# Findings", "",
+           f"The paper's three findings, checked on the results in results/table.parquet ({where}; "
+           f"seeds {seeds or 'none'}). Comparisons use seed means; numbers are % (accuracy) or MSE per "
+           "element (d_l, d_L) as mean ± sample std (n seeds). Accuracy = task accuracy: the trained "
+           "head for TLT / FFM→TLT, the refitted linear probe for LFM / FFM and the base models. "
+           "Shallow = first third of the stitch points, deep = last third. See docs/stages/report.md.", ""]
+    for f in found:
+        out += [f"## Finding {f.number}: {f.verdict}", "", f"*{f.title}.*", ""]
+        if not f.checks:
+            out += ["- not enough data: no cross-stitch results", ""]
+        for c in f.checks:
+            out.append(f"- **{c.verdict}** — {c.claim}")
+            out += [f"  - {e}" for e in c.evidence]
+        out.append("")
+    return "\n".join(out)
