@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stitchcache.analysis import cka as ckamod
-from stitchcache.analysis.atlas import cka_vs_stitch, read_cka, spearman
+from stitchcache.analysis.atlas import cka_vs_stitch, load_result, read_cka, spearman, stitch_points
 from stitchcache.analysis.cka import linear_cka, store_cka
 from stitchcache.cache.store import FeatureStore, StoreWriter, open_record
 from stitchcache.cli import main as cli_main
@@ -205,11 +205,12 @@ def _results_table(tmp_path, rows):
 def _cka_file(path, values):
     """A CKA parquet for (ma, mb) with pooled CKA values {(la, lb): v}."""
     import pyarrow as pa
-    from stitchcache.analysis.atlas import CKA_SCHEMA
+    from stitchcache.analysis.atlas import CKA_SCHEMA, META
     rows = [{"dataset": "toy", "split": "val", "model_a": "ma", "model_b": "mb", "variant": "pooled",
              "array_a": f"layer_{la:02d}", "layer_a": la, "array_b": f"layer_{lb:02d}", "layer_b": lb, "cka": v,
              "n_samples": 10} for (la, lb), v in values.items()]
-    pq.write_table(pa.Table.from_pylist(rows, schema=CKA_SCHEMA), path)
+    meta = {META: json.dumps({"dataset": "toy", "split": "val"}).encode()}
+    pq.write_table(pa.Table.from_pylist(rows, schema=CKA_SCHEMA).replace_schema_metadata(meta), path)
     return path
 
 
@@ -235,6 +236,11 @@ def test_cka_join_with_results_table(tmp_path):
     md = (out / "cka_vs_stitch.md").read_text()
     assert "| toy | ma→mb | mlp | ffm | 2 | 0 | 0.500 | – | 2.000 | 0.100 | 60.0 |" in md
     assert pq.read_table(out / "cka_vs_stitch.parquet").num_rows == 6
+    assert ck.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"      # heatmap beside the CKA file
+    assert stitch_points(joined, "toy", "mb", "ma") == [1, 2, 3]
+    res, meta = load_result(ck)
+    assert res["names_a"] == ["layer_01", "layer_02", "layer_03"] and meta["split"] == "val"
+    assert res["cka"]["pooled"][0, 1] == 0.33 and np.isnan(res["cka"]["pooled"][1, 0])
     assert read_cka([ck])["toy", "mb", "ma", "pooled", 2, 1] == 0.33   # both orientations
 
 

@@ -27,7 +27,7 @@ def test_analysis_rules_are_planned(tmp_path):
     assert (stats.get("cka"), stats.get("table10"), stats.get("cka_join")) == (1, 1, 1)
     text = proc.stdout
     assert "python -m stitchcache analyze cka --a results/features/fmnist/sup/val.json" in text
-    assert "--b results/features/fmnist/ssl/val.json --mark-layers 1 2" in text
+    assert "--b results/features/fmnist/ssl/val.json --no-plot" in text
     assert "--out results/analysis/cka/fmnist/sup--ssl.parquet" in text
     table10 = next(line for line in text.splitlines() if "analyze table10" in line)
     assert table10.count("predictions.parquet") == 4 * 2 * 4     # every stitched run and control

@@ -30,6 +30,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # 2 self-stitches = 4 pairs, layers [1, 2], one stitch layer, 4 methods
 TINY_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
 DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1}
+ANALYSIS_JOBS = {"table10": 1, "cka": 1, "cka_join": 1}   # workflow/rules/analysis.smk: one model pair
+TINY_JOBS.update(ANALYSIS_JOBS)
+DEFAULT_JOBS.update(ANALYSIS_JOBS)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -114,8 +117,13 @@ for key in ("--out", "--metrics"):
     if key in opts:
         p = Path(opts[key]); p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stub": cmd}) if p.suffix == ".json" else "stub")
-names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"]}
-for name in names.get(cmd, []):
+names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"],
+         "table10": ["table10.parquet", "table10.md", "table10.png"],
+         "cka-join": ["cka_vs_stitch.parquet", "cka_vs_stitch_spearman.parquet", "cka_vs_stitch.md"]}
+if cmd == "analyze" and argv[1] == "cka-join":
+    for c in argv[argv.index("--cka") + 1:argv.index("--table")]:
+        Path(c).with_suffix(".png").write_text("stub")
+for name in names.get(argv[1] if cmd == "analyze" else cmd, []):
     p = Path(opts["--out-dir"]) / name; p.parent.mkdir(parents=True, exist_ok=True); p.write_text("stub")
 '''
 
@@ -286,7 +294,7 @@ def test_models_without_pretrain_and_without_self_stitch(tmp_path):
     stats = job_stats(snakemake(wd, "-n"))
     # ffm_tlt pulls in its ffm init (trained but not evaluated)
     assert stats == {"pretrain": 1, "extract_pretrained": 2, "extract": 2, "probe": 2, "train": 6, "evaluate": 4,
-                     "table": 1, "plot": 1, "all": 1}
+                     "table": 1, "plot": 1, "all": 1, **ANALYSIS_JOBS}
 
 
 @pytest.mark.parametrize("device, gpu", [("cuda", "1"), ("cpu", "0")])
@@ -350,7 +358,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
     # a real (stubbed) run without the profile and without --resources: gpu jobs still run
     proc = snakemake(wd, "--cores", "2", "--workflow-profile", "none", pythonpath=fake, timeout=600)
     ran = read_calls(calls)
-    assert sorted({c[0] for c in ran}) == ["evaluate", "extract", "plot", "pretrain", "probe", "table", "train"]
+    assert sorted({c[0] for c in ran}) == ["analyze", "evaluate", "extract", "plot", "pretrain", "probe", "table", "train"]
     assert len(ran) == sum(TINY_JOBS.values()) - 1
     for p in ("results/table.parquet", "results/plots/distances.png", "logs/table.log",
               "results/benchmarks/train/fmnist/sup--ssl/layer1/mlp/ffm.tsv",
@@ -367,13 +375,14 @@ def test_params_only_reruns(tmp_path, fake_cli):
         return job_stats(snakemake(wd, "-n", config="changed.yaml", pythonpath=fake))
 
     # train settings: only train and what depends on it
+    # (the CKA atlas reads only the feature stores: it is not recomputed; Table 10 and the join are)
     assert plan(lambda c: c["train"].update(max_epochs=3)) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1, "table10": 1, "cka_join": 1}
     assert plan(lambda c: c["train"].update(lr_grid=[0.01, 0.001])) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1, "table10": 1, "cka_join": 1}
     # probe settings: base probes and the stitched-model probes inside evaluate, no training
     assert plan(lambda c: c["probe"].update(max_epochs=5)) == {
-        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
+        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "all": 1, "table10": 1, "cka_join": 1}
     # extract settings: extraction and everything downstream, but no pretraining
     assert plan(lambda c: c["extract"].update(batch_size=64)) == {
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
@@ -388,7 +397,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
 
     # a smaller grid: the existing stitches stay valid, only the table and plots are redone
     assert plan(lambda c: c["stitch"].update(layers=[1], methods=["lfm", "ffm"])) == {
-        "table": 1, "plot": 1, "all": 1}
+        "table": 1, "plot": 1, "all": 1, "table10": 1, "cka_join": 1}
 
     # actually re-running after a train-only change calls no extract / pretrain
     n_before = len(read_calls(calls))
@@ -400,7 +409,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
                      timeout=600)
     assert 'gpu=Resource("gpu", 1)' in proc.stdout + proc.stderr
     rerun = {c[0] for c in read_calls(calls)[n_before:]}
-    assert rerun == {"train", "evaluate", "table", "plot"}
+    assert rerun == {"train", "evaluate", "table", "plot", "analyze"}
     assert "Nothing to be done" in snakemake(wd, "-n", config="changed.yaml", pythonpath=fake).stdout
 
 

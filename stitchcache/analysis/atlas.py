@@ -166,7 +166,33 @@ def join_markdown(joined: pa.Table, corr: pa.Table) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_cka_vs_stitch(cka_paths, table_path, out_dir) -> list[Path]:
+def load_result(path) -> tuple[dict, dict]:
+    """A CKA parquet back as (result dict as ``store_cka`` returns it + model names, metadata)."""
+    t = pq.read_table(path)
+    meta = json.loads((t.schema.metadata or {}).get(META, b"{}"))
+    rows = t.to_pylist()
+    if not rows:
+        raise ValueError(f"{path}: empty CKA file")
+    names_a = list(dict.fromkeys(r["array_a"] for r in rows))
+    names_b = list(dict.fromkeys(r["array_b"] for r in rows))
+    res = {"names_a": names_a, "names_b": names_b, "model_a": rows[0]["model_a"], "model_b": rows[0]["model_b"],
+           "cka": {}, "n_samples": {}}
+    for r in rows:
+        m = res["cka"].setdefault(r["variant"], np.full((len(names_a), len(names_b)), np.nan))
+        m[names_a.index(r["array_a"]), names_b.index(r["array_b"])] = r["cka"]
+        res["n_samples"][r["variant"]] = r["n_samples"]
+    return res, meta
+
+
+def stitch_points(joined: pa.Table, dataset, a, b) -> list[int]:
+    """Layers at which the results table holds a stitch between models a and b (either direction)."""
+    return sorted({r["layer"] for r in joined.to_pylist()
+                   if r["dataset"] == dataset and {r["source"], r["target"]} == {a, b}})
+
+
+def write_cka_vs_stitch(cka_paths, table_path, out_dir, heatmaps=True) -> list[Path]:
+    """cka_vs_stitch.parquet / _spearman.parquet / .md under out_dir and (heatmaps) each CKA file's
+    heatmap ``<stem>.png`` beside it, with the stitch points of the results table marked."""
     joined, corr = cka_vs_stitch(cka_paths, table_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,4 +200,12 @@ def write_cka_vs_stitch(cka_paths, table_path, out_dir) -> list[Path]:
     pq.write_table(joined, paths[0])
     pq.write_table(corr, paths[1])
     paths[2].write_text(join_markdown(joined, corr))
+    if heatmaps:
+        from .plots import plot_cka
+        for p in map(Path, cka_paths):
+            res, meta = load_result(p)
+            marks = stitch_points(joined, meta.get("dataset"), res["model_a"], res["model_b"])
+            title = (f"{meta.get('dataset')}/{meta.get('split')}: {res['model_a']} vs {res['model_b']} "
+                     "(□ = stitch points)")
+            paths.append(plot_cka(res, p.with_suffix(".png"), marks=marks, title=title))
     return paths

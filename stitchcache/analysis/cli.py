@@ -16,7 +16,7 @@ def run_table10(predictions: list[str], out_dir: str) -> list[Path]:
 
 
 def run_cka(record_a: str, record_b: str, out: str, *, variants=("pooled", "token"), marks=(),
-            device: str = "auto") -> list[Path]:
+            device: str = "auto", plot: bool = True) -> list[Path]:
     """CKA between every layer of the store behind ``record_a`` and of the one behind ``record_b``."""
     from ..cache.store import open_record
     from ..runtime import pick_device
@@ -28,14 +28,14 @@ def run_cka(record_a: str, record_b: str, out: str, *, variants=("pooled", "toke
     result.update(model_a=rec_a.get("model") or a.attrs.get("model_name"),
                   model_b=rec_b.get("model") or b.attrs.get("model_name"))
     paths = write_cka(result, out, dataset=rec_a.get("dataset"), split=rec_a.get("split"), stores=(a, b),
-                      marks=marks)
+                      marks=marks, plot=plot)
     log(f"analyze cka: {result['model_a']} x {result['model_b']} -> {', '.join(map(str, paths))}")
     return paths
 
 
-def run_cka_join(cka: list[str], table: str, out_dir: str) -> list[Path]:
+def run_cka_join(cka: list[str], table: str, out_dir: str, heatmaps: bool = True) -> list[Path]:
     from .atlas import write_cka_vs_stitch
-    paths = write_cka_vs_stitch(cka, table, out_dir)
+    paths = write_cka_vs_stitch(cka, table, out_dir, heatmaps=heatmaps)
     log(f"analyze cka-join: {len(cka)} CKA file(s) + {table} -> {', '.join(map(str, paths))}")
     return paths
 
@@ -53,11 +53,14 @@ def configure_parser(p):
                    help="pooled: mean of patch tokens per image; token: patch tokens paired by position")
     c.add_argument("--mark-layers", nargs="*", type=int, default=[], metavar="L", help="stitch points to mark")
     c.add_argument("--device", default="auto", help="auto | cpu | cuda (where the statistics accumulate)")
+    c.add_argument("--no-plot", action="store_true", help="no heatmap (the workflow draws it in cka-join)")
     c.add_argument("--out", required=True, metavar="CKA.parquet", help="also writes the heatmap <stem>.png")
     j = sub.add_parser("cka-join", help="CKA at the stitch points beside d_l / accuracy of the results table")
     j.add_argument("--cka", nargs="+", required=True, metavar="CKA.parquet")
     j.add_argument("--table", required=True, metavar="TABLE.parquet", help="results/table.parquet")
     j.add_argument("--out-dir", required=True, help="writes cka_vs_stitch.parquet / _spearman.parquet / .md")
+    j.add_argument("--no-heatmaps", action="store_true",
+                   help="do not (re)draw <cka stem>.png beside each CKA file with the table's stitch points marked")
     return p
 
 
@@ -65,7 +68,8 @@ def main(args) -> int:
     if args.analysis == "table10":
         run_table10(args.predictions, args.out_dir)
     elif args.analysis == "cka":
-        run_cka(args.a, args.b, args.out, variants=args.variants, marks=args.mark_layers, device=args.device)
+        run_cka(args.a, args.b, args.out, variants=args.variants, marks=args.mark_layers, device=args.device,
+                plot=not args.no_plot)
     else:
-        run_cka_join(args.cka, args.table, args.out_dir)
+        run_cka_join(args.cka, args.table, args.out_dir, heatmaps=not args.no_heatmaps)
     return 0

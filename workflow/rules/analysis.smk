@@ -31,14 +31,12 @@ rule cka:
         b=cka_record("b"),
     output:
         parquet="results/analysis/cka/{dataset}/{a}--{b}.parquet",
-        png=report("results/analysis/cka/{dataset}/{a}--{b}.png", caption="../report/cka.rst", category="Analysis"),
     log:
         "logs/analysis/cka/{dataset}/{a}--{b}.log",
     wildcard_constraints:
         a=NAME,
         b=NAME,
     params:
-        marks=cka_marks,
         device=config["device"],
     conda:
         "../envs/stitchcache.yaml"
@@ -48,10 +46,12 @@ rule cka:
         runtime=60,
         gpu=gpu_resource,
     shell:
-        "python -m stitchcache analyze cka --a {input.a:q} --b {input.b:q} --mark-layers {params.marks}"
+        "python -m stitchcache analyze cka --a {input.a:q} --b {input.b:q} --no-plot"
         " --device {params.device:q} --out {output.parquet:q} > {log:q} 2>&1"
 
 
+# the heatmaps are drawn here (stitch points of the results table marked), so a changed grid
+# redraws them without recomputing any CKA
 rule cka_join:
     input:
         cka=all_cka(),
@@ -60,6 +60,7 @@ rule cka_join:
         parquet="results/analysis/cka_vs_stitch.parquet",
         spearman="results/analysis/cka_vs_stitch_spearman.parquet",
         md=report("results/analysis/cka_vs_stitch.md", caption="../report/cka_vs_stitch.rst", category="Analysis"),
+        heatmaps=[report(p, caption="../report/cka.rst", category="Analysis") for p in all_cka_heatmaps()],
     log:
         "logs/analysis/cka_join.log",
     params:

@@ -306,14 +306,15 @@ def cka_record(role):
     return record
 
 
-def cka_marks(wildcards):
-    return " ".join(str(l) for l in config["stitch"]["layers"])
+def all_cka_heatmaps():
+    """cka_join: the heatmap drawn beside each CKA file."""
+    return [p[: -len(".parquet")] + ".png" for p in all_cka()]
 
 
 def analysis_targets():
     out = ["results/analysis/table10.parquet", "results/analysis/table10.md", "results/analysis/table10.png"]
     if all_cka():
-        out += all_cka() + [p[: -len(".parquet")] + ".png" for p in all_cka()]
+        out += all_cka() + all_cka_heatmaps()
         out += ["results/analysis/cka_vs_stitch.parquet", "results/analysis/cka_vs_stitch.md"]
     return out
 
