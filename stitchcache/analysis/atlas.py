@@ -61,7 +61,7 @@ def write_cka(result, out_parquet, *, dataset, split, stores, marks=(), plot=Tru
     written = [out]
     if plot:
         from .plots import plot_cka
-        title = f"{dataset}/{split}: {result['model_a']} vs {result['model_b']} (□ = stitch points)"
+        title = f"{dataset}/{split}: {result['model_a']} vs {result['model_b']} (outlined: stitch points)"
         written.append(plot_cka(result, out.with_suffix(".png"), marks=marks, title=title))
     return written
 
@@ -206,6 +206,6 @@ def write_cka_vs_stitch(cka_paths, table_path, out_dir, heatmaps=True) -> list[P
             res, meta = load_result(p)
             marks = stitch_points(joined, meta.get("dataset"), res["model_a"], res["model_b"])
             title = (f"{meta.get('dataset')}/{meta.get('split')}: {res['model_a']} vs {res['model_b']} "
-                     "(□ = stitch points)")
+                     "(outlined: stitch points)")
             paths.append(plot_cka(res, p.with_suffix(".png"), marks=marks, title=title))
     return paths

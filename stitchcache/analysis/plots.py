@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 CASE_STYLE = {  # column -> (legend, colour); preserve / rescue drawn up, interference down
     "preserve_src": ("preserve (S→S only right)", "#2ca25f"),
@@ -79,7 +80,7 @@ def _tick_labels(names):
 
 def plot_cka(result, path, marks=(), title=""):
     """Heatmaps of CKA (one per variant): rows = model A's arrays, columns = model B's; the stitch
-    points (l, l) marked with a white square."""
+    points (l, l) outlined in cyan."""
     variants = list(result["cka"])
     fig, axes = plt.subplots(1, len(variants), figsize=(4.6 * len(variants) + 0.6, 4.4), squeeze=False)
     na, nb = result["names_a"], result["names_b"]
@@ -94,7 +95,8 @@ def plot_cka(result, path, marks=(), title=""):
         for l in marks:
             ia, ib = f"layer_{int(l):02d}", f"layer_{int(l):02d}"
             if ia in na and ib in nb:
-                ax.plot(nb.index(ib), na.index(ia), marker="s", ms=9, mfc="none", mec="white", mew=1.5)
+                i, j = na.index(ia), nb.index(ib)
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="tab:cyan", lw=2.2))
         if len(na) * len(nb) <= 64:
             for i in range(len(na)):
                 for j in range(len(nb)):
