@@ -27,7 +27,7 @@ def test_analysis_rules_are_planned(tmp_path):
     assert (stats.get("cka"), stats.get("table10"), stats.get("cka_join")) == (1, 1, 1)
     text = proc.stdout
     assert "python -m stitchcache analyze cka --a results/features/fmnist/sup/val.json" in text
-    assert "--b results/features/fmnist/ssl/val.json --no-plot" in text
+    assert "--b results/features/fmnist/ssl/val.json --variants pooled token --no-plot" in text
     assert "--out results/analysis/cka/fmnist/sup--ssl.parquet" in text
     table10 = next(line for line in text.splitlines() if "analyze table10" in line)
     assert table10.count("predictions.parquet") == 4 * 2 * 4     # every stitched run and control
@@ -38,7 +38,18 @@ def test_analysis_rules_are_planned(tmp_path):
 def test_cka_reads_the_test_split_when_there_is_one(tmp_path):
     cfg = load_yaml(TINY)
     cfg["datasets"]["fmnist"]["splits"]["test"] = {"source": "test", "start": 500, "count": 64}
+    cfg["analysis"] = {"cka_variants": ["pooled"]}
     wd = make_workdir(tmp_path, cfg)
     _place_predictions(wd, cfg)
     text = snakemake(wd, "-n", "-p", timeout=300).stdout
-    assert "analyze cka --a results/features/fmnist/sup/test.json --b results/features/fmnist/ssl/test.json" in text
+    assert ("analyze cka --a results/features/fmnist/sup/test.json --b results/features/fmnist/ssl/test.json"
+            " --variants pooled --no-plot") in text
+
+
+def test_no_cka_variants_no_atlas(tmp_path):
+    cfg = load_yaml(TINY)
+    cfg["analysis"] = {"cka_variants": []}
+    wd = make_workdir(tmp_path, cfg)
+    _place_predictions(wd, cfg)
+    stats = job_stats(snakemake(wd, "-n", timeout=300))
+    assert stats.get("table10") == 1 and "cka" not in stats and "cka_join" not in stats

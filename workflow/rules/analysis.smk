@@ -37,6 +37,7 @@ rule cka:
         a=NAME,
         b=NAME,
     params:
+        variants=cka_variants_param,
         device=config["device"],
     conda:
         "../envs/stitchcache.yaml"
@@ -46,7 +47,7 @@ rule cka:
         runtime=60,
         gpu=gpu_resource,
     shell:
-        "python -m stitchcache analyze cka --a {input.a:q} --b {input.b:q} --no-plot"
+        "python -m stitchcache analyze cka --a {input.a:q} --b {input.b:q} --variants {params.variants} --no-plot"
         " --device {params.device:q} --out {output.parquet:q} > {log:q} 2>&1"
 
 

@@ -293,7 +293,14 @@ def cka_path(dataset, a, b, ext="parquet"):
 
 
 def all_cka():
+    """One CKA atlas per dataset and unordered cross pair; none when analysis.cka_variants is []."""
+    if not config["analysis"]["cka_variants"]:
+        return []
     return [cka_path(ds, a, b) for ds in stitch_datasets() for a, b in cka_pairs()]
+
+
+def cka_variants_param(wildcards):
+    return " ".join(config["analysis"]["cka_variants"])
 
 
 def cka_record(role):
