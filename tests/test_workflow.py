@@ -455,6 +455,19 @@ def test_tiny_workflow_end_to_end(tmp_path):
             assert r["head_acc"] is not None and 0.0 <= r["head_acc"] <= 1.0, r
     assert any(r["kind"] == "self" for r in rows)
 
+    # analyses (docs/stages/analysis.md): Table 10 for every cross run (2 pairs x 2 layers x 4 methods),
+    # the CKA atlas of the pair {sup, ssl} and its join with the results table
+    t10 = pq.read_table(wd / "results" / "analysis" / "table10.parquet").to_pylist()
+    assert len(t10) == 16 and all(r["n_images"] == 128 for r in t10)
+    assert {r["prediction"] for r in t10 if r["method"] in ("tlt", "ffm_tlt")} == {"head"}
+    cka = pq.read_table(wd / "results" / "analysis" / "cka" / "fmnist" / "sup--ssl.parquet").to_pylist()
+    assert len(cka) == 2 * 5 * 5 and all(0.0 <= r["cka"] <= 1.0 + 1e-9 for r in cka)
+    joined = pq.read_table(wd / "results" / "analysis" / "cka_vs_stitch.parquet").to_pylist()
+    assert len(joined) == 16 and all(r["cka_pooled"] is not None for r in joined)
+    for p in ("results/analysis/table10.md", "results/analysis/table10.png",
+              "results/analysis/cka/fmnist/sup--ssl.png", "results/analysis/cka_vs_stitch.md"):
+        assert (wd / p).stat().st_size > 0, p
+
     again = snakemake(wd, "-n", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -463,5 +476,6 @@ def test_tiny_workflow_end_to_end(tmp_path):
     html = (wd / "report.html").read_text()
     assert html.count("data:image/png") >= 2
     for caption in ("Stitched linear-probe accuracy by stitch layer", "Layer feature distance d_l",
-                    "arranged like the paper's tables", "One row per stitched model"):
+                    "arranged like the paper's tables", "One row per stitched model",
+                    "Prediction analysis (the paper's Table 10)", "Linear CKA between every layer"):
         assert caption in html, caption
