@@ -250,3 +250,15 @@ def test_spearman():
     assert spearman([1, 2], [1, 2]) is None
     assert spearman([1, 1, 1], [1, 2, 3]) is None
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+@pytest.mark.gpu
+def test_statistics_on_cuda_match_cpu(tmp_path):
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    a, b, _, _ = toy_pair(tmp_path)
+    cpu = store_cka(a, b, log=lambda m: None)["cka"]
+    gpu = store_cka(a, b, device=torch.device("cuda"), log=lambda m: None)["cka"]
+    for v in cpu:
+        np.testing.assert_allclose(gpu[v], cpu[v], rtol=1e-9)
