@@ -5,9 +5,10 @@
   pooled   store_cka(variants=[pooled]): read + mean-pool + accumulate all layer-pair statistics
   token    store_cka(variants=[token]):  read + per-token statistics (n_patches times more samples)
 
-Reported: read_seconds / atlas_seconds (1.0 = as fast as the reads alone). Goal: pooled >= 0.5 (the
-statistics cost at most as much as the I/O); token is compute-bound on a CPU (run it on a GPU with
---device cuda). Usage: python benchmarks/cka_throughput.py [--images 1024] [--device cpu]
+Reported: read_seconds / atlas_seconds (1.0 = as fast as the reads alone). Goal on a GPU
+(--device cuda): pooled >= 0.5, i.e. the float64 statistics cost at most as much as the I/O. On a
+CPU both variants are compute-bound (float64 matrix products over all layer pairs), the token one
+n_patches times more. Usage: python benchmarks/cka_throughput.py [--images 1024] [--device cpu]
 """
 from __future__ import annotations
 

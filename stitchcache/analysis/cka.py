@@ -144,7 +144,8 @@ def check_compatible(a, b, variants) -> None:
         ga, gb = a.attrs["model"]["grid"], b.attrs["model"]["grid"]
         if list(ga) != list(gb):
             raise ValueError(f"CKA variant 'token' pairs patch token i of one model with patch token i of the "
-                             f"other and needs equal grids; {who} have grids {ga} and {gb} (use --variants pooled)")
+                             f"other and needs equal grids; {who} have grids {ga} and {gb} (use --variants pooled; in the "
+                             "workflow: analysis.cka_variants: [pooled])")
 
 
 SAMPLE_BUDGET = 256 * 2**20   # bytes of float64 samples (all arrays together) per update
