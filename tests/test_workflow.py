@@ -318,7 +318,8 @@ def test_resources_and_gpu_declarations(tmp_path, device, gpu):
             rule = "train_lfm" if method == "lfm" else "train_tail"
         seen.setdefault(rule, set()).add(res.get("gpu", "0"))
     assert seen == {"pretrain": {gpu}, "extract_pretrained": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
-                    "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"}}
+                    "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"},
+                    "table10": {"0"}, "cka": {gpu}, "cka_join": {"0"}}
 
 
 def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
@@ -345,7 +346,7 @@ def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
             (grouped if current[0] == "small" else alone).add(current[1])
     assert grouped == {"train_lfm", "probe"}
     assert alone == {"pretrain", "extract_pretrained", "train_ffm", "train_tlt", "train_ffm_tlt", "evaluate",
-                     "table", "plot", "all"}
+                     "table", "plot", "all", "table10", "cka", "cka_join"}
     prof = load_yaml(REPO / "workflow" / "profiles" / "slurm" / "config.yaml")
     assert prof["group-components"] == ["small=16"]
 
