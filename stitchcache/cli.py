@@ -22,6 +22,7 @@ COMMANDS = {
     "data": ("stitchcache.data.subset", "configure_parser", "main", "data subset: balanced per-class train/val lists"),
     "plot": ("stitchcache.report.cli", "configure_plot_parser", "run_plot", "plots of accuracy and distances by layer"),
     "findings": ("stitchcache.report.cli", "configure_findings_parser", "run_findings", "the paper's three findings checked on the results table"),
+    "analyze": ("stitchcache.analysis.cli", "configure_parser", "main", "analyze table10 | cka | cka-join"),
 }
 
 

@@ -33,6 +33,9 @@ TINY_JOBS = {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 32, "e
 # the default: the same grid at layers [1, 3, 5], run for seeds [0, 1] (probes and pretraining once)
 DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 96, "evaluate": 96, "table": 1, "plot": 1,
                 "findings": 1, "all": 1}
+ANALYSIS_JOBS = {"table10": 1, "cka": 1, "cka_join": 1}   # workflow/rules/analysis.smk: one model pair
+TINY_JOBS.update(ANALYSIS_JOBS)
+DEFAULT_JOBS.update(ANALYSIS_JOBS)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -117,8 +120,13 @@ for key in ("--out", "--metrics", "--predictions"):
     if key in opts:
         p = Path(opts[key]); p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stub": cmd}) if p.suffix == ".json" else "stub")
-names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"]}
-for name in names.get(cmd, []):
+names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"],
+         "table10": ["table10.parquet", "table10.md", "table10.png"],
+         "cka-join": ["cka_vs_stitch.parquet", "cka_vs_stitch_spearman.parquet", "cka_vs_stitch.md"]}
+if cmd == "analyze" and argv[1] == "cka-join":
+    for c in argv[argv.index("--cka") + 1:argv.index("--table")]:
+        Path(c).with_suffix(".png").write_text("stub")
+for name in names.get(argv[1] if cmd == "analyze" else cmd, []):
     p = Path(opts["--out-dir"]) / name; p.parent.mkdir(parents=True, exist_ok=True); p.write_text("stub")
 '''
 
@@ -290,7 +298,7 @@ def test_models_without_pretrain_and_without_self_stitch(tmp_path):
     stats = job_stats(snakemake(wd, "-n"))
     # ffm_tlt pulls in its ffm init (trained but not evaluated)
     assert stats == {"pretrain": 1, "extract_pretrained": 3, "extract": 3, "probe": 2, "train": 6, "evaluate": 4,
-                     "table": 1, "plot": 1, "findings": 1, "all": 1}
+                     "table": 1, "plot": 1, "findings": 1, "all": 1, **ANALYSIS_JOBS}
 
 
 @pytest.mark.parametrize("device, gpu", [("cuda", "1"), ("cpu", "0")])
@@ -314,7 +322,8 @@ def test_resources_and_gpu_declarations(tmp_path, device, gpu):
             rule = "train_lfm" if method == "lfm" else "train_tail"
         seen.setdefault(rule, set()).add(res.get("gpu", "0"))
     assert seen == {"pretrain": {gpu}, "extract_pretrained": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
-                    "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"}}
+                    "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"},
+                    "table10": {"0"}, "cka": {gpu}, "cka_join": {"0"}}
 
 
 def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
@@ -341,7 +350,7 @@ def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
             (grouped if current[0] == "small" else alone).add(current[1])
     assert grouped == {"train_lfm", "probe"}
     assert alone == {"pretrain", "extract_pretrained", "train_ffm", "train_tlt", "train_ffm_tlt", "evaluate",
-                     "table", "plot", "all"}
+                     "table", "plot", "all", "table10", "cka", "cka_join"}
     prof = load_yaml(REPO / "workflow" / "profiles" / "slurm" / "config.yaml")
     assert prof["group-components"] == ["small=16"]
 
@@ -354,7 +363,8 @@ def test_params_only_reruns(tmp_path, fake_cli):
     # a real (stubbed) run without the profile and without --resources: gpu jobs still run
     proc = snakemake(wd, "--cores", "2", "--workflow-profile", "none", pythonpath=fake, timeout=600)
     ran = read_calls(calls)
-    assert sorted({c[0] for c in ran}) == ["evaluate", "extract", "findings", "plot", "pretrain", "probe", "table", "train"]
+    assert sorted({c[0] for c in ran}) == ["analyze", "evaluate", "extract", "findings", "plot", "pretrain", "probe",
+                                           "table", "train"]
     assert len(ran) == sum(TINY_JOBS.values()) - 1
     for p in ("results/table.parquet", "results/plots/distances.png", "logs/table.log",
               "results/benchmarks/train/fmnist/sup--ssl/layer1/mlp/ffm/seed0.tsv",
@@ -371,13 +381,14 @@ def test_params_only_reruns(tmp_path, fake_cli):
         return job_stats(snakemake(wd, "-n", config="changed.yaml", pythonpath=fake))
 
     # train settings: only train and what depends on it
+    # (the CKA atlas reads only the feature stores: it is not recomputed; Table 10 and the join are)
     assert plan(lambda c: c["train"].update(max_epochs=3)) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1, "table10": 1, "cka_join": 1}
     assert plan(lambda c: c["train"].update(lr_grid=[0.01, 0.001])) == {
-        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
+        "train": 32, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1, "table10": 1, "cka_join": 1}
     # probe settings: base probes and the stitched-model probes inside evaluate, no training
     assert plan(lambda c: c["probe"].update(max_epochs=5)) == {
-        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1}
+        "probe": 2, "evaluate": 32, "table": 1, "plot": 1, "findings": 1, "all": 1, "table10": 1, "cka_join": 1}
     # extract settings: extraction and everything downstream, but no pretraining
     assert plan(lambda c: c["extract"].update(batch_size=64)) == {
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
@@ -392,7 +403,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
 
     # a smaller grid: the existing stitches stay valid, only the table and plots are redone
     assert plan(lambda c: c["stitch"].update(layers=[1], methods=["lfm", "ffm"])) == {
-        "table": 1, "plot": 1, "findings": 1, "all": 1}
+        "table": 1, "plot": 1, "findings": 1, "all": 1, "table10": 1, "cka_join": 1}
 
     # actually re-running after a train-only change calls no extract / pretrain
     n_before = len(read_calls(calls))
@@ -404,7 +415,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
                      timeout=600)
     assert 'gpu=Resource("gpu", 1)' in proc.stdout + proc.stderr
     rerun = {c[0] for c in read_calls(calls)[n_before:]}
-    assert rerun == {"train", "evaluate", "table", "plot"}
+    assert rerun == {"train", "evaluate", "table", "plot", "analyze"}
     assert "Nothing to be done" in snakemake(wd, "-n", config="changed.yaml", pythonpath=fake).stdout
 
 
@@ -458,6 +469,19 @@ def test_tiny_workflow_end_to_end(tmp_path):
     findings = (wd / "results" / "findings.md").read_text()
     assert findings.startswith("# Findings") and findings.count("## Finding") == 3
 
+    # analyses (docs/stages/analysis.md): Table 10 for every cross run (2 pairs x 2 layers x 4 methods),
+    # the CKA atlas of the pair {sup, ssl} and its join with the results table
+    t10 = pq.read_table(wd / "results" / "analysis" / "table10.parquet").to_pylist()
+    assert len(t10) == 16 and all(r["n_images"] == 128 for r in t10)
+    assert {r["prediction"] for r in t10 if r["method"] in ("tlt", "ffm_tlt")} == {"head"}
+    cka = pq.read_table(wd / "results" / "analysis" / "cka" / "fmnist" / "sup--ssl.parquet").to_pylist()
+    assert len(cka) == 2 * 5 * 5 and all(0.0 <= r["cka"] <= 1.0 + 1e-9 for r in cka)
+    joined = pq.read_table(wd / "results" / "analysis" / "cka_vs_stitch.parquet").to_pylist()
+    assert len(joined) == 16 and all(r["cka_pooled"] is not None for r in joined)
+    for p in ("results/analysis/table10.md", "results/analysis/table10.png",
+              "results/analysis/cka/fmnist/sup--ssl.png", "results/analysis/cka_vs_stitch.md"):
+        assert (wd / p).stat().st_size > 0, p
+
     again = snakemake(wd, "-n", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -467,5 +491,6 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert html.count("data:image/png") >= 2
     for caption in ("Stitched model accuracy by stitch layer with two evaluators", "Layer feature distance d_l",
                     "The paper's three findings checked on these results",
-                    "arranged like the paper's tables", "One row per stitched model"):
+                    "arranged like the paper's tables", "One row per stitched model",
+                    "Prediction analysis (the paper's Table 10)", "Linear CKA between every layer"):
         assert caption in html, caption

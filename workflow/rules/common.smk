@@ -287,7 +287,68 @@ def all_targets():
         "results/paper_tables.md",
         "results/plots/accuracy.png",
         "results/plots/distances.png",
-    ]
+    ] + analysis_targets()
+
+
+##### analyses: Table 10 and the CKA atlas (workflow/rules/analysis.smk) #####
+
+
+def all_predictions():
+    """table10: the per-image predictions the evaluate stage writes beside every eval.json
+    (stitched runs and self-stitch controls alike; the analysis pairs them up)."""
+    return [os.path.join(os.path.dirname(p), "predictions.parquet") for p in all_evals()]
+
+
+def cka_pairs():
+    """Unordered cross pairs of stitch.pairs in config order (CKA is symmetric: one atlas each)."""
+    pairs = {}
+    for src, tgt in config["stitch"]["pairs"]:
+        if src != tgt and (tgt, src) not in pairs:
+            pairs[src, tgt] = None
+    return list(pairs)
+
+
+def cka_split(dataset):
+    """The reported split: `test` when the dataset has one, else `val`."""
+    return "test" if "test" in config["datasets"][dataset]["splits"] else "val"
+
+
+def cka_path(dataset, a, b, ext="parquet"):
+    return f"results/analysis/cka/{dataset}/{a}--{b}.{ext}"
+
+
+def all_cka():
+    """One CKA atlas per dataset and unordered cross pair; none when analysis.cka_variants is []."""
+    if not config["analysis"]["cka_variants"]:
+        return []
+    return [cka_path(ds, a, b) for ds in stitch_datasets() for a, b in cka_pairs()]
+
+
+def cka_variants_param(wildcards):
+    return " ".join(config["analysis"]["cka_variants"])
+
+
+def cka_record(role):
+    """cka: input function, the feature record of model `role` (a, b) on the reported split."""
+
+    def record(wildcards):
+        return feature_record(wildcards.dataset, wildcards[role], cka_split(wildcards.dataset))
+
+    record.__name__ = f"cka_record_{role}"
+    return record
+
+
+def all_cka_heatmaps():
+    """cka_join: the heatmap drawn beside each CKA file."""
+    return [p[: -len(".parquet")] + ".png" for p in all_cka()]
+
+
+def analysis_targets():
+    out = ["results/analysis/table10.parquet", "results/analysis/table10.md", "results/analysis/table10.png"]
+    if all_cka():
+        out += all_cka() + all_cka_heatmaps()
+        out += ["results/analysis/cka_vs_stitch.parquet", "results/analysis/cka_vs_stitch.md"]
+    return out
 
 
 ##### params: JSON handed to the CLI (exactly the config the stage depends on) #####
