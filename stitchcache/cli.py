@@ -21,6 +21,7 @@ COMMANDS = {
     "cache": ("stitchcache.cache.manage", "configure_parser", "main", "cache ls | du | verify | gc"),
     "data": ("stitchcache.data.subset", "configure_parser", "main", "data subset: balanced per-class train/val lists"),
     "plot": ("stitchcache.report.cli", "configure_plot_parser", "run_plot", "plots of accuracy and distances by layer"),
+    "tree": ("stitchcache.tree.cli", "configure_parser", "main", "VFM Stitch Tree: cost | export | evaluate | report | plan"),
 }
 
 

@@ -1,0 +1,82 @@
+"""``stitchcache tree cost | export | evaluate | report | plan``: typed stage functions; ``main`` only
+converts the parsed arguments."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from ..runtime import log, pick_device, set_threads, write_json
+from .vst import TreeOptions
+
+
+def add_tree_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select-layer", type=int, default=-1, help="branch output layer (LLaVA style: -2 = L-1)")
+    p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
+    p.add_argument("--fusion", default="tuple", choices=["tuple", "concat", "interleave"])
+    p.add_argument("--final-norm", default="auto", choices=["auto", "always", "never"])
+
+
+def tree_options(args) -> TreeOptions:
+    return TreeOptions(select_layer=args.select_layer, select_feature=args.select_feature, fusion=args.fusion,
+                       final_norm=args.final_norm)
+
+
+def group_by_layer(checkpoints: list[str]) -> dict[int, list[str]]:
+    """Stitch checkpoints grouped by their stitch point (one tree per k), in the order given."""
+    from ..stitch.model import load_checkpoint
+
+    groups = defaultdict(list)
+    for c in checkpoints:
+        groups[int(load_checkpoint(c)["spec"]["layer"])].append(c)
+    return dict(sorted(groups.items()))
+
+
+def run_cost(checkpoints: list[str], options: TreeOptions, vfms, points, depth: int, stitch: str | None,
+             batch_size: int, repeats: int, device: str, out: str | None, markdown: str | None) -> dict:
+    from .cost import analytic_markdown, analytic_table, measure, measured_markdown
+    from .vst import tree_from_checkpoints
+
+    rows = analytic_table(vfms, points, depth, stitch)
+    text = analytic_markdown(rows, points, depth, stitch)
+    measured = []
+    for k, cks in group_by_layer(checkpoints).items():
+        log(f"measuring VST-{k} ({len(cks) + 1} VFMs) vs one VFM vs Full")
+        measured.append(measure(tree_from_checkpoints(cks, k, options), batch_size, repeats, pick_device(device)))
+    if measured:
+        text += "\nMeasured (batch of random images, each model at its own resolution for Full):\n\n"
+        text += measured_markdown(measured)
+    print(text)
+    res = {"analytic": rows, "depth": depth, "stitch": stitch, "measured": measured, "options": options.__dict__}
+    if out:
+        write_json(out, res)
+    if markdown:
+        Path(markdown).write_text(text)
+    return res
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tree_command", required=True, metavar="{cost,export,evaluate,report,plan}")
+    c = sub.add_parser("cost", help="analytic cost table (paper Table 11) + measured cost of trees")
+    c.add_argument("--checkpoints", nargs="*", default=[], help="stitch checkpoints trunk -> VFM (any k)")
+    c.add_argument("--vfms", type=int, nargs="+", default=[2, 3, 4, 5])
+    c.add_argument("--points", type=int, nargs="+", default=[6, 14, 22])
+    c.add_argument("--depth", type=int, default=23, help="analytic depth L' (23 = layer 23 of a 24-block ViT-L)")
+    c.add_argument("--stitch", default="mlp", help="stitch kind whose cost the extended columns add ('none': off)")
+    c.add_argument("--batch-size", type=int, default=2)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", help="JSON")
+    c.add_argument("--markdown", help="the tables as Markdown")
+    add_tree_options(c)
+
+
+def main(args) -> int:
+    set_threads()
+    if args.tree_command == "cost":
+        run_cost(args.checkpoints, tree_options(args), args.vfms, args.points, args.depth,
+                 None if args.stitch == "none" else args.stitch, args.batch_size, args.repeats, args.device,
+                 args.out, args.markdown)
+        return 0
+    raise SystemExit(f"error: unknown tree command {args.tree_command!r}")
