@@ -22,4 +22,11 @@ def load_stitched(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "create_backbone", "load_stitched", "open_store"]
+def load_tree(path, **kwargs):
+    """An exported VFM Stitch Tree as a LLaVA-style vision tower (``stitchcache tree export``)."""
+    from .tree.export import load_tree as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "create_backbone", "load_stitched", "load_tree", "open_store"]

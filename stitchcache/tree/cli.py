@@ -56,6 +56,22 @@ def run_cost(checkpoints: list[str], options: TreeOptions, vfms, points, depth: 
     return res
 
 
+def run_export(checkpoints: list[str], options: TreeOptions, out: str) -> dict:
+    from .export import export_tree
+    from .vst import tree_from_checkpoints
+
+    groups = group_by_layer(checkpoints)
+    if len(groups) != 1:
+        raise SystemExit(f"error: the checkpoints of one tree share one stitch point; got layers {sorted(groups)}")
+    (k, cks), = groups.items()
+    tree = tree_from_checkpoints(cks, k, options)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    export_tree(tree, out)
+    log(f"exported VST-{k} ({' + '.join(tree.names)}, fusion {options.fusion}, select_layer "
+        f"{options.select_layer}) to {out}")
+    return tree.spec
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tree_command", required=True, metavar="{cost,export,evaluate,report,plan}")
     c = sub.add_parser("cost", help="analytic cost table (paper Table 11) + measured cost of trees")
@@ -70,6 +86,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     c.add_argument("--out", help="JSON")
     c.add_argument("--markdown", help="the tables as Markdown")
     add_tree_options(c)
+    e = sub.add_parser("export", help="one self-contained tree artefact (load with stitchcache.load_tree)")
+    e.add_argument("--checkpoints", nargs="+", required=True, help="one stitch checkpoint per branch, trunk -> VFM at k")
+    e.add_argument("--out", required=True)
+    add_tree_options(e)
 
 
 def main(args) -> int:
@@ -78,5 +98,8 @@ def main(args) -> int:
         run_cost(args.checkpoints, tree_options(args), args.vfms, args.points, args.depth,
                  None if args.stitch == "none" else args.stitch, args.batch_size, args.repeats, args.device,
                  args.out, args.markdown)
+        return 0
+    if args.tree_command == "export":
+        run_export(args.checkpoints, tree_options(args), args.out)
         return 0
     raise SystemExit(f"error: unknown tree command {args.tree_command!r}")
