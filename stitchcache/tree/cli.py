@@ -72,6 +72,41 @@ def run_export(checkpoints: list[str], options: TreeOptions, out: str) -> dict:
     return tree.spec
 
 
+def run_evaluate(tree: str, trunk: dict, branches: dict, checkpoints: list[str], settings: dict, out: str) -> dict:
+    from .evaluate import evaluate_tree
+
+    rows = evaluate_tree(trunk, branches, checkpoints or None, settings, pick_device(settings.get("device", "auto")))
+    res = {"tree": tree, "rows": rows}
+    write_json(out, res)
+    for r in rows:
+        log(f"tree {tree} on {r['dataset']}: {r['config']} {100 * r['score']:.2f}% "
+            f"(added cost {100 * r['added_cost']:.1f}%)")
+    return res
+
+
+def run_report(evals: list[str], out_dir: str) -> dict:
+    from .report import load_rows, write_report
+
+    res = write_report(load_rows(evals), out_dir)
+    for g in res["gains"]:
+        mean = g["mean_normalized_gain"]
+        log(f"tree {g['tree']} VST-{g['k']}: mean normalized gain "
+            f"{'n/a' if mean is None else f'{100 * mean:.1f}%'} at {100 * g['added_cost']:.1f}% added cost")
+    return res
+
+
+def run_plan(evals: list[str], budget: str, out: str | None) -> list[dict]:
+    from .report import load_rows, parse_budget, plan, plan_markdown
+
+    best = plan(load_rows(evals), parse_budget(budget))
+    text = plan_markdown(best)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+        write_json(Path(out).with_suffix(".json"), {"plan": best})
+    return best
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tree_command", required=True, metavar="{cost,export,evaluate,report,plan}")
     c = sub.add_parser("cost", help="analytic cost table (paper Table 11) + measured cost of trees")
@@ -90,6 +125,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--checkpoints", nargs="+", required=True, help="one stitch checkpoint per branch, trunk -> VFM at k")
     e.add_argument("--out", required=True)
     add_tree_options(e)
+    v = sub.add_parser("evaluate", help="probe fused cached features: single + Full, or VST-k (with --checkpoints)")
+    v.add_argument("--tree", required=True, help="the tree's name (config key tree.trees.<name>)")
+    v.add_argument("--trunk-train", required=True, help="feature record JSON")
+    v.add_argument("--trunk-val", required=True)
+    v.add_argument("--branches", nargs="+", required=True, help="branch model names, in output order")
+    v.add_argument("--branch-train", nargs="+", required=True, help="their train records (same order)")
+    v.add_argument("--branch-val", nargs="+", required=True)
+    v.add_argument("--checkpoints", nargs="*", default=[], help="VST-k: one stitch per branch (same order)")
+    v.add_argument("--settings", default="{}", help="JSON: the probe section plus seed/device")
+    v.add_argument("--out", required=True)
+    r = sub.add_parser("report", help="tree table, Table-12-shaped gains, knob plot")
+    r.add_argument("--evals", nargs="+", required=True)
+    r.add_argument("--out-dir", required=True)
+    q = sub.add_parser("plan", help="the best tree within an added-cost budget, per dataset")
+    q.add_argument("--evals", nargs="+", required=True, help="tree evaluate outputs")
+    q.add_argument("--budget", required=True, help="added backbone cost vs one VFM: '40%%' or 0.4")
+    q.add_argument("--out", help="Markdown (a .json beside it)")
 
 
 def main(args) -> int:
@@ -101,5 +153,24 @@ def main(args) -> int:
         return 0
     if args.tree_command == "export":
         run_export(args.checkpoints, tree_options(args), args.out)
+        return 0
+    if args.tree_command == "evaluate":
+        from ..runtime import json_arg, seed_everything
+
+        settings = json_arg(args.settings, "--settings")
+        seed_everything(int(settings.get("seed", 0)))
+        if not len(args.branches) == len(args.branch_train) == len(args.branch_val):
+            raise SystemExit("error: --branches, --branch-train and --branch-val need one entry per branch")
+        if args.checkpoints and len(args.checkpoints) != len(args.branches):
+            raise SystemExit("error: --checkpoints needs one stitch checkpoint per branch")
+        branches = {n: {"train": t, "val": v} for n, t, v in zip(args.branches, args.branch_train, args.branch_val)}
+        run_evaluate(args.tree, {"train": args.trunk_train, "val": args.trunk_val}, branches, args.checkpoints,
+                     settings, args.out)
+        return 0
+    if args.tree_command == "report":
+        run_report(args.evals, args.out_dir)
+        return 0
+    if args.tree_command == "plan":
+        run_plan(args.evals, args.budget, args.out)
         return 0
     raise SystemExit(f"error: unknown tree command {args.tree_command!r}")
