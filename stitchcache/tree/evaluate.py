@@ -11,6 +11,8 @@ per branch with its own prefix count) and the pooled vectors concatenated on cha
 linear probe sees of the ``concat`` fusion (for ``interleave``, mean pooling gives the mean of the
 branches' means, a linear function of the same features). The branches' outputs are the final
 tokens z (select_layer -1, final norm): those are the features the cache stores.
+Added cost is counted to the deployed output layer (``select_layer``: with -2 a 24-block ViT-L
+counts 23 blocks, the paper's cost model), while the probed features are the final tokens.
 The probe is the project's linear probe (standardised features, AdamW, LR grid, early stopping on
 the validation split; the score is validation accuracy).
 
@@ -26,7 +28,7 @@ import torch
 from ..cache import iter_batches, open_record, pool_tokens, pooled_features
 from ..evaluate.probe import linear_probe
 from ..tasks import SEGMENTATION, task_info
-from .vst import TreeOptions, tree_from_checkpoints
+from .vst import TreeOptions, resolve_layer, tree_from_checkpoints
 
 
 def _check_same_images(recs: dict, split: str) -> None:
@@ -91,17 +93,20 @@ def evaluate_tree(trunk: dict, branches: dict[str, dict], checkpoints: list[str]
                 parts[n] = f
             meta["k"], meta["names"] = tree.k, tree.names
         feats[split], labels[split] = parts, torch.from_numpy(store.labels[:])
-    probe = dict(settings)
+    probe = {k: v for k, v in settings.items() if k != "select_layer"}
 
     def score(names):
         x = {s: torch.cat([feats[s][n] for n in names], dim=1) for s in ("train", "val")}
         return linear_probe(x["train"], labels["train"], x["val"], labels["val"], meta["num_classes"], probe, device)
 
     others = [n for n in feats["train"] if n != "trunk"]
-    depth = meta["depths"][trunk_name]
-    branch_depths = [meta["depths"][n] for n in branches]
+    # cost at the deployed output layer (select_layer; -2 of 24 blocks = 23, the paper's depth)
+    sl = int(settings.get("select_layer", -1))
+    depth = resolve_layer(sl, meta["depths"][trunk_name], trunk_name)
+    branch_depths = [resolve_layer(sl, meta["depths"][n], n) for n in branches]
     base = {"dataset": meta["dataset"], "trunk": trunk_name, "branches": list(branches), "vfms": 1 + len(branches),
-            "pool": pool, "metric": "accuracy", "split": "val"}
+            "pool": pool, "metric": "accuracy", "split": "val", "select_layer": sl,
+            "features": "final tokens (layer L, final norm) from the cache"}
     if not checkpoints:
         single, full = score(["trunk"]), score(["trunk", *others])
         return [{**base, "config": "single", "k": None, "score": single["probe_acc"], "probe_lr": single["lr"],

@@ -108,6 +108,20 @@ class StitchTree(nn.Module):
                 raise TreeError(f"{n}: select_layer {options.select_layer} (layer {j}) lies inside the "
                                 f"shared trunk (k={self.k})")
             self.layers[n] = j
+        self.check_fusion()
+
+    def check_fusion(self) -> None:
+        """Fail at build time (not at the first forward) when the fusion cannot join the branches."""
+        if self.options.fusion == "tuple":
+            return
+        counts = {n: self.num_tokens(n) for n in self.names}
+        if len(set(counts.values())) != 1:
+            raise TreeError(f"fusion {self.options.fusion!r} needs equal token counts per branch, got {counts} "
+                            "(select_feature: patch drops the differing prefix tokens)")
+        widths = dict(zip(self.names, self.widths()))
+        if self.options.fusion == "interleave" and len(set(widths.values())) != 1:
+            raise TreeError(f"fusion 'interleave' needs equal widths per branch, got {widths} "
+                            "(use fusion: tuple and one projector per branch, as MoF-LLaVA does)")
 
     def model(self, name: str) -> Backbone:
         return self.trunk if name == self.trunk_name else self.models[name]
