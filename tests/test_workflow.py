@@ -29,7 +29,9 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # jobs of one tiny run: 2 models (both pretrained), splits train+val, pairs sup->ssl, ssl->sup plus
 # 2 self-stitches = 4 pairs, layers [1, 2], one stitch layer, 4 methods
 TINY_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 32, "evaluate": 32, "table": 1, "plot": 1, "all": 1}
-DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1}
+DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 48, "evaluate": 48, "table": 1, "plot": 1, "all": 1,
+                # the sup_ssl tree (tree: in config.yaml) at k = 1, 2, 3
+                "tree_base": 1, "tree_vst": 3, "tree_report": 1, "tree_cost": 1, "tree_export": 3, "tree_plan": 1}
 
 
 # ------------------------------------------------------------------------------------- helpers
