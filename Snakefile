@@ -19,6 +19,7 @@ include: "workflow/rules/stitch.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/tree.smk"
 
 
 rule all:

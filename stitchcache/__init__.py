@@ -35,4 +35,11 @@ def record_path(config, dataset: str, model: str, split: str, workdir=None):
     return _record_path(config, dataset, model, split, workdir=workdir)
 
 
-__all__ = ["__version__", "create_backbone", "find_store", "load_stitched", "open_store", "record_path"]
+def load_tree(path, **kwargs):
+    """An exported VFM Stitch Tree as a LLaVA-style vision tower (``stitchcache tree export``)."""
+    from .tree.export import load_tree as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "create_backbone", "find_store", "load_stitched", "load_tree", "open_store", "record_path"]

@@ -23,6 +23,7 @@ COMMANDS = {
     "plot": ("stitchcache.report.cli", "configure_plot_parser", "run_plot", "plots of accuracy and distances by layer"),
     "findings": ("stitchcache.report.cli", "configure_findings_parser", "run_findings", "the paper's three findings checked on the results table"),
     "analyze": ("stitchcache.analysis.cli", "configure_parser", "main", "analyze table10 | cka | cka-join"),
+    "tree": ("stitchcache.tree.cli", "configure_parser", "main", "VFM Stitch Tree: cost | export | evaluate | report | plan"),
 }
 
 

@@ -36,6 +36,8 @@ DEFAULT_JOBS = {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 96,
 ANALYSIS_JOBS = {"table10": 1, "cka": 1, "cka_join": 1}   # workflow/rules/analysis.smk: one model pair
 TINY_JOBS.update(ANALYSIS_JOBS)
 DEFAULT_JOBS.update(ANALYSIS_JOBS)
+# the sup_ssl tree (tree: in config.yaml) at every stitch point of the default
+DEFAULT_JOBS.update({"tree_base": 1, "tree_vst": 3, "tree_report": 1, "tree_cost": 1, "tree_export": 3, "tree_plan": 1})
 
 
 # ------------------------------------------------------------------------------------- helpers

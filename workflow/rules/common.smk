@@ -287,7 +287,7 @@ def all_targets():
         "results/paper_tables.md",
         "results/plots/accuracy.png",
         "results/plots/distances.png",
-    ] + analysis_targets()
+    ] + analysis_targets() + tree_targets()
 
 
 ##### analyses: Table 10 and the CKA atlas (workflow/rules/analysis.smk) #####
@@ -510,7 +510,97 @@ def _missing_inputs():
 
 
 
+##### VFM Stitch Trees (workflow/rules/tree.smk; logic in stitchcache/tree/config.py) #####
+
+from stitchcache.tree.config import check_trees, resolve_trees
+
+TREES = resolve_trees(config)
+
+
+def tree_stitches(wildcards, dataset=None, layer=None):
+    """The tree's stitch checkpoints trunk -> branch (branch order), through stitch_path with every
+    wildcard passed on (only `tree` is the tree's own)."""
+    t = TREES[wildcards.tree]
+    base = {k: v for k, v in dict(wildcards.items()).items() if k != "tree"}
+    base.update(dataset=dataset or base.get("dataset"), layer=layer if layer is not None else base.get("layer"),
+                src=t["trunk"], stitch=t["stitch"], method=t["method"])
+    base.setdefault("seed", seeds()[0])  # trees use the stitches of the first seed
+    return [stitch_path("checkpoint.pt", **{**base, "tgt": b}) for b in t["branches"]]
+
+
+def tree_cost_stitches(wildcards):
+    """tree_cost: the stitches of every split point, on the tree's first dataset (weights do not
+    change the cost)."""
+    t = TREES[wildcards.tree]
+    return [c for k in t["layers"] for c in tree_stitches(wildcards, dataset=t["datasets"][0], layer=k)]
+
+
+def tree_trunk_record(split):
+    def record(wildcards):
+        return feature_record(wildcards.dataset, TREES[wildcards.tree]["trunk"], split)
+
+    record.__name__ = f"tree_trunk_{split}"
+    return record
+
+
+def tree_branch_records(split):
+    def records(wildcards):
+        return [feature_record(wildcards.dataset, b, split) for b in TREES[wildcards.tree]["branches"]]
+
+    records.__name__ = f"tree_branches_{split}"
+    return records
+
+
+def tree_evals(tree):
+    t = TREES[tree]
+    return [f"results/tree/{tree}/{d}/{name}.json" for d in t["datasets"]
+            for name in ["base"] + [f"vst{k}" for k in t["layers"]]]
+
+
+def tree_evals_of(wildcards):
+    return tree_evals(wildcards.tree)
+
+
+def all_tree_evals():
+    return [e for tree in TREES for e in tree_evals(tree)]
+
+
+def tree_branches_arg(wildcards):
+    return " ".join(TREES[wildcards.tree]["branches"])
+
+
+def tree_options_arg(wildcards):
+    t = TREES[wildcards.tree]
+    return (f"--fusion {t['fusion']} --select-layer {t['select_layer']} "
+            f"--select-feature {t['select_feature']} --final-norm {t['final_norm']}")
+
+
+def tree_settings_param(wildcards):
+    t = TREES[wildcards.tree]
+    return json.dumps({**config["probe"], "select_layer": t["select_layer"], "seed": config["seed"],
+                       "device": config["device"]}, sort_keys=True)
+
+
+def tree_targets():
+    if not TREES:
+        return []
+    out = ["results/tree/plan.md"]
+    for tree, t in TREES.items():
+        out += [f"results/tree/{tree}/tree_table.md", f"results/tree/{tree}/tree_knob.png"]
+        if config["tree"]["cost"]:
+            out.append(f"results/tree/{tree}/cost.md")
+        if config["tree"]["export"]:
+            out += [f"results/tree/{tree}/{d}/vst{k}.pt" for d in t["datasets"] for k in t["layers"]]
+    return out
+
+
+def _check_trees():
+    for key, message in check_trees(config):
+        _config_error(key, message)
+
+
 _check_config(config)
+_check_trees()
 
 # Missing weights / data: reported while planning (dry runs too), fatal before a real run starts.
 MISSING = _missing_inputs() if workflow.is_main_process else []
