@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -9,6 +10,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """Where result files go: benchmarks/results, or $STITCHCACHE_BENCH_OUT (the GPU suite's run folder)."""
+    out = os.environ.get("STITCHCACHE_BENCH_OUT")
+    return Path(out) if out else RESULTS
 
 
 def device_name(device: torch.device) -> str:
@@ -34,9 +41,10 @@ def timed(fn, min_seconds: float = 1.0, sync=None) -> tuple[float, int]:
 
 
 def save(name: str, result: dict, device: torch.device) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
-    path = RESULTS / f"{name}-{tag}.json"
+    path = out / f"{name}-{tag}.json"
     result = {"benchmark": name, "device": device_name(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), **result}
     path.write_text(json.dumps(result, indent=2) + "\n")

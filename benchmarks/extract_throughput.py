@@ -48,6 +48,10 @@ def main():
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: 1 on CPU, 8 on CUDA)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the forward, bare and in extraction (default: 1 on CPU, else torch's)")
+    ap.add_argument("--layers", default="all",
+                    help="captured layers: all (h_0..h_L) or a comma list, e.g. 2,6,10,14,18,22,23 (final always)")
+    ap.add_argument("--tag", default="", help="suffix of the result name (extract_throughput<tag>)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per timed measurement")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -71,14 +75,15 @@ def main():
             with torch.inference_mode():
                 bb(x)
 
-        dt, n = timed(fwd, 3.0, sync)
+        dt, n = timed(fwd, args.seconds, sync)
         forward_before = n * args.batch / dt
 
         # Two extractions into fresh stores, N/2 and N images (different manifests, so different
         # keys): their difference is the steady-state rate, free of the fixed start-up (building
         # the model, listing the data, digests, starting workers, creating the store).
+        layers = "all" if args.layers == "all" else [int(v) for v in args.layers.split(",")]
         settings = {"batch_size": args.batch, "chunk_size": args.batch, "num_workers": workers,
-                    "device": str(device.type)}
+                    "device": str(device.type), "layers": layers}
         half = args.images // 2
         seconds = {}
         for count in (half, args.images):
@@ -86,7 +91,7 @@ def main():
             t0 = time.perf_counter()
             rec = extract(spec, ds_n, "train", tmp / "cache", settings)
             seconds[count] = time.perf_counter() - t0
-        dt, n = timed(fwd, 3.0, sync)
+        dt, n = timed(fwd, args.seconds, sync)
         # the baseline is the faster of a forward measured before and one after the extractions
         # (this keeps machine drift from flattering the ratio)
         forward_ips = max(forward_before, n * args.batch / dt)
@@ -96,18 +101,19 @@ def main():
 
         # raw write bound: the same arrays/chunks, written from memory
         L = bb.depth
+        stored = list(range(L + 1)) if layers == "all" else layers
         block = np.random.default_rng(0).standard_normal((args.batch, bb.num_tokens, bb.width)).astype(np.float16)
         labels = np.zeros(args.batch, np.int64)
         t0 = time.perf_counter()
-        with StoreWriter(tmp / "raw", num_images=args.images, layers=list(range(L + 1)), num_tokens=bb.num_tokens,
+        with StoreWriter(tmp / "raw", num_images=args.images, layers=stored, num_tokens=bb.num_tokens,
                          width=bb.width, chunk_size=args.batch) as w:
             for ci in range(w.num_chunks):
                 a, b = w.chunk_range(ci)
-                w.write_chunk(ci, {l: block[: b - a] for l in range(L + 1)}, block[: b - a], labels[: b - a])
+                w.write_chunk(ci, {l: block[: b - a] for l in stored}, block[: b - a], labels[: b - a])
         write_ips = args.images / (time.perf_counter() - t0)
-        bytes_per_image = (L + 2) * bb.num_tokens * bb.width * 2
-        save("extract_throughput", {
-            "model": spec["kwargs"], "images": args.images, "batch": args.batch, "workers": workers,
+        bytes_per_image = (len(stored) + 1) * bb.num_tokens * bb.width * 2
+        save("extract_throughput" + args.tag, {
+            "model": spec["kwargs"], "layers": args.layers, "images": args.images, "batch": args.batch, "workers": workers,
             "torch_threads": threads, "bytes_per_image": bytes_per_image,
             "forward_img_s": round(forward_ips, 1),
             "forward_before_after_img_s": [round(forward_before, 1), round(n * args.batch / dt, 1)],

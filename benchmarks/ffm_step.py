@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 6, 10])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=1.0, help="minimum seconds per timed measurement")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -58,9 +59,9 @@ def main():
         # alternate the two measurements and keep medians, so load from other processes hits both alike
         tails, ffms = [], []
         for _ in range(args.repeats):
-            t, n = timed(tail_only, 1.0, sync)
+            t, n = timed(tail_only, args.seconds, sync)
             tails.append(n * args.batch / t)
-            t, n = timed(ffm_step, 1.0, sync)
+            t, n = timed(ffm_step, args.seconds, sync)
             ffms.append(n * args.batch / t)
         tail_ips, ffm_ips = statistics.median(tails), statistics.median(ffms)
         rows.append({"layer": l, "tail_img_s": round(tail_ips, 1), "ffm_img_s": round(ffm_ips, 1),
