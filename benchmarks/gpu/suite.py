@@ -52,8 +52,10 @@ STEPS = [
      ["--images", "4096", "--tokens", "257", "--width", "1024", "--batch", "256", "--chunk", "256"],
      ["--images", "128", "--tokens", "17", "--width", "32", "--batch", "32", "--chunk", "32", "--repeats", "1"], 60),
     ("tree", "tree_forward.py",
-     ["--width", "1024", "--depth", "24", "--grid", "16", "--batch", "64"],
-     ["--width", "32", "--depth", "4", "--grid", "4", "--batch", "4"], 60),
+     ["--width", "1024", "--depth", "24", "--img", "224", "--patch", "14", "--heads", "16", "--batch", "64",
+      "--points", "6", "14", "22", "--rounds", "5"],
+     ["--width", "32", "--depth", "4", "--img", "16", "--patch", "4", "--heads", "2", "--batch", "2",
+      "--points", "1", "3", "--rounds", "1"], 60),
 ]
 PYTEST_SECONDS = 150
 
