@@ -114,3 +114,18 @@ def test_evaluate_report_plan(tmp_path, records, monkeypatch):
         (choice,) = json.loads((tmp_path / "plan.json").read_text())["plan"]
         assert choice["config"] in allowed
         assert choice["score"] == max(by[c] for c in allowed)
+
+
+def test_tree_scores_on_test_when_given(tmp_path, records):
+    """Selection on val, every reported tree score on test (here: the train images stand in as test)."""
+    settings = json.dumps({"max_epochs": 3, "patience": 2, "lr_grid": [0.01], "batch_size": 16, "device": "cpu"})
+    common = ["tree", "evaluate", "--tree", "t", "--trunk-train", records["a", "train"], "--trunk-val",
+              records["a", "val"], "--branches", "b", "--branch-train", records["b", "train"],
+              "--branch-val", records["b", "val"], "--settings", settings]
+    out = tmp_path / "base-test.json"
+    assert cli(common + ["--trunk-test", records["a", "train"], "--branch-test", records["b", "train"],
+                         "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["split"] for r in rows] == ["test", "test"] and all(0 <= r["score"] <= 1 for r in rows)
+    with pytest.raises(SystemExit, match="--trunk-test needs --branch-test"):
+        cli(common + ["--trunk-test", records["a", "train"], "--out", str(tmp_path / "x.json")])

@@ -132,6 +132,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     v.add_argument("--branches", nargs="+", required=True, help="branch model names, in output order")
     v.add_argument("--branch-train", nargs="+", required=True, help="their train records (same order)")
     v.add_argument("--branch-val", nargs="+", required=True)
+    v.add_argument("--trunk-test", help="test-split record: every reported score is on test (val only selects)")
+    v.add_argument("--branch-test", nargs="+", default=[], help="their test records (with --trunk-test)")
     v.add_argument("--checkpoints", nargs="*", default=[], help="VST-k: one stitch per branch (same order)")
     v.add_argument("--settings", default="{}", help="JSON: the probe section plus seed/device")
     v.add_argument("--out", required=True)
@@ -163,9 +165,15 @@ def main(args) -> int:
             raise SystemExit("error: --branches, --branch-train and --branch-val need one entry per branch")
         if args.checkpoints and len(args.checkpoints) != len(args.branches):
             raise SystemExit("error: --checkpoints needs one stitch checkpoint per branch")
+        if bool(args.trunk_test) != bool(args.branch_test) or (args.branch_test and len(args.branch_test) != len(args.branches)):
+            raise SystemExit("error: --trunk-test needs --branch-test with one entry per branch (and vice versa)")
         branches = {n: {"train": t, "val": v} for n, t, v in zip(args.branches, args.branch_train, args.branch_val)}
-        run_evaluate(args.tree, {"train": args.trunk_train, "val": args.trunk_val}, branches, args.checkpoints,
-                     settings, args.out)
+        trunk = {"train": args.trunk_train, "val": args.trunk_val}
+        if args.trunk_test:
+            trunk["test"] = args.trunk_test
+            for n, t in zip(args.branches, args.branch_test):
+                branches[n]["test"] = t
+        run_evaluate(args.tree, trunk, branches, args.checkpoints, settings, args.out)
         return 0
     if args.tree_command == "report":
         run_report(args.evals, args.out_dir)

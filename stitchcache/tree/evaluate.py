@@ -61,13 +61,16 @@ def stitched_pooled(tree, store, pool: str, device, batch_size: int = 256) -> li
 
 def evaluate_tree(trunk: dict, branches: dict[str, dict], checkpoints: list[str] | None, settings: dict,
                   device=None) -> list[dict]:
-    """trunk / branches[name]: {"train": record path, "val": record path}. Without checkpoints: the
-    single and Full rows; with the checkpoints of one tree (one per branch, same k): the VST-k row."""
+    """trunk / branches[name]: {"train": record path, "val": record path[, "test": record path]}.
+    Without checkpoints: the single and Full rows; with the checkpoints of one tree (one per branch,
+    same k): the VST-k row. The probes select on val; scores are on test when given, else on val."""
     device = device or torch.device("cpu")
     pool = settings.get("pool", "mean")
     trunk_name = None
     feats, labels, meta = {}, {}, {}
-    for split in ("train", "val"):
+    splits = ("train", "val", "test") if "test" in trunk else ("train", "val")
+    report = splits[-1]
+    for split in splits:
         paths = {"__trunk__": trunk[split], **{n: b[split] for n, b in branches.items()}}
         opened = _open(paths)
         _check_same_images({n: r for n, (r, _) in opened.items()}, split)
@@ -96,8 +99,10 @@ def evaluate_tree(trunk: dict, branches: dict[str, dict], checkpoints: list[str]
     probe = {k: v for k, v in settings.items() if k != "select_layer"}
 
     def score(names):
-        x = {s: torch.cat([feats[s][n] for n in names], dim=1) for s in ("train", "val")}
-        return linear_probe(x["train"], labels["train"], x["val"], labels["val"], meta["num_classes"], probe, device)
+        x = {s: torch.cat([feats[s][n] for n in names], dim=1) for s in splits}
+        test = {"x_te": x["test"], "y_te": labels["test"]} if report == "test" else {}
+        return linear_probe(x["train"], labels["train"], x["val"], labels["val"], meta["num_classes"], probe, device,
+                            **test)
 
     others = [n for n in feats["train"] if n != "trunk"]
     # cost at the deployed output layer (select_layer; -2 of 24 blocks = 23, the paper's depth)
@@ -105,7 +110,7 @@ def evaluate_tree(trunk: dict, branches: dict[str, dict], checkpoints: list[str]
     depth = resolve_layer(sl, meta["depths"][trunk_name], trunk_name)
     branch_depths = [resolve_layer(sl, meta["depths"][n], n) for n in branches]
     base = {"dataset": meta["dataset"], "trunk": trunk_name, "branches": list(branches), "vfms": 1 + len(branches),
-            "pool": pool, "metric": "accuracy", "split": "val", "select_layer": sl,
+            "pool": pool, "metric": "accuracy", "split": report, "select_layer": sl,
             "features": "final tokens (layer L, final norm) from the cache"}
     if not checkpoints:
         single, full = score(["trunk"]), score(["trunk", *others])

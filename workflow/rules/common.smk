@@ -537,6 +537,8 @@ def tree_cost_stitches(wildcards):
 
 def tree_trunk_record(split):
     def record(wildcards):
+        if split == REPORT_SPLIT and not has_test_split(wildcards.dataset):
+            return []
         return feature_record(wildcards.dataset, TREES[wildcards.tree]["trunk"], split)
 
     record.__name__ = f"tree_trunk_{split}"
@@ -545,10 +547,20 @@ def tree_trunk_record(split):
 
 def tree_branch_records(split):
     def records(wildcards):
+        if split == REPORT_SPLIT and not has_test_split(wildcards.dataset):
+            return []
         return [feature_record(wildcards.dataset, b, split) for b in TREES[wildcards.tree]["branches"]]
 
     records.__name__ = f"tree_branches_{split}"
     return records
+
+
+def tree_test_args(wildcards, input):
+    """tree_base / tree_vst: --trunk-test / --branch-test when the dataset has a test split (reported)."""
+    if not input.get("trunk_test"):
+        return ""
+    return f"--trunk-test {shlex.quote(str(input.trunk_test))} --branch-test " + " ".join(
+        shlex.quote(str(p)) for p in input.branch_test)
 
 
 def tree_evals(tree):

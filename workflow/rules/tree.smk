@@ -13,6 +13,8 @@ rule tree_base:
         trunk_val=tree_trunk_record("val"),
         branch_train=tree_branch_records("train"),
         branch_val=tree_branch_records("val"),
+        trunk_test=tree_trunk_record("test"),
+        branch_test=tree_branch_records("test"),
     output:
         evaluation="results/tree/{tree}/{dataset}/base.json",
     log:
@@ -20,6 +22,7 @@ rule tree_base:
     params:
         settings=tree_settings_param,
         branches=tree_branches_arg,
+        test=tree_test_args,
     conda:
         "../envs/stitchcache.yaml"
     group:
@@ -31,7 +34,7 @@ rule tree_base:
     shell:
         "python -m stitchcache tree evaluate --tree {wildcards.tree} --trunk-train {input.trunk_train:q}"
         " --trunk-val {input.trunk_val:q} --branches {params.branches} --branch-train {input.branch_train:q}"
-        " --branch-val {input.branch_val:q} --settings {params.settings:q} --out {output.evaluation:q} > {log:q} 2>&1"
+        " --branch-val {input.branch_val:q} {params.test} --settings {params.settings:q} --out {output.evaluation:q} > {log:q} 2>&1"
 
 
 rule tree_vst:
@@ -41,6 +44,8 @@ rule tree_vst:
         trunk_val=tree_trunk_record("val"),
         branch_train=tree_branch_records("train"),
         branch_val=tree_branch_records("val"),
+        trunk_test=tree_trunk_record("test"),
+        branch_test=tree_branch_records("test"),
     output:
         evaluation="results/tree/{tree}/{dataset}/vst{layer}.json",
     log:
@@ -48,6 +53,7 @@ rule tree_vst:
     params:
         settings=tree_settings_param,
         branches=tree_branches_arg,
+        test=tree_test_args,
     conda:
         "../envs/stitchcache.yaml"
     threads: 1
@@ -58,7 +64,7 @@ rule tree_vst:
     shell:
         "python -m stitchcache tree evaluate --tree {wildcards.tree} --trunk-train {input.trunk_train:q}"
         " --trunk-val {input.trunk_val:q} --branches {params.branches} --branch-train {input.branch_train:q}"
-        " --branch-val {input.branch_val:q} --checkpoints {input.checkpoints:q} --settings {params.settings:q}"
+        " --branch-val {input.branch_val:q} {params.test} --checkpoints {input.checkpoints:q} --settings {params.settings:q}"
         " --out {output.evaluation:q} > {log:q} 2>&1"
 
 
