@@ -47,8 +47,11 @@ def test_dry_run_plans_the_whole_grid_and_lists_missing_inputs(paper_wd):
     # the trees (tree: in paper.yaml) on the 3 classification datasets: clip_dinov2 at k = 14, 22,
     # cambrian4 at k = 6, 14, 22; a cost and a report per tree, one plan (export: false)
     trees = {"tree_base": 2 * 3, "tree_vst": (2 + 3) * 3, "tree_cost": 2, "tree_report": 2, "tree_plan": 1}
-    assert job_stats(proc) == {"extract": len(DATASETS) * 4 * 2, "probe": len(DATASETS) * 4,
-                               "train": n_stitch, "evaluate": n_stitch, "table": 1, "plot": 1, "findings": 1, "all": 1, **trees}
+    # extraction: 4 models x train / val / test; CKA: 6 unordered model pairs per dataset
+    analysis = {"table10": 1, "cka": len(DATASETS) * 6, "cka_join": 1}
+    assert job_stats(proc) == {"extract": len(DATASETS) * 4 * 3, "probe": len(DATASETS) * 4,
+                               "train": n_stitch, "evaluate": n_stitch, "table": 1, "plot": 1, "findings": 1, "all": 1,
+                               **trees, **analysis}
     err = proc.stderr
     assert "input(s) missing" in err
     for name, registry in MODELS.items():

@@ -36,7 +36,7 @@ def test_failed_train_job_after_a_settings_change_is_rerun(tmp_path, monkeypatch
     proc = snakemake(wd, "--cores", "1", "--workflow-profile", "none", config="changed.yaml", pythonpath=fake,
                      check=False, timeout=600)
     assert proc.returncode != 0
-    ffm = "results/stitch/fmnist/sup--ssl/layer1/mlp/ffm/"
+    ffm = "results/stitch/fmnist/sup--ssl/layer1/mlp/ffm/seed0/"
     assert not (wd / ffm / "checkpoint.pt").exists()
     monkeypatch.delenv("STITCHCACHE_FAKE_FAIL")
     plan = snakemake(wd, "-n", "--rerun-incomplete", config="changed.yaml", pythonpath=fake)

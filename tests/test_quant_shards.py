@@ -165,7 +165,7 @@ def test_int8_extract_matches_float32_within_bound_and_trains(tmp_path, image_fo
                   {"chunk_size": 16, "num_workers": 0, "dtype": "float32"})
     q = FeatureStore(json.loads(open(recs["a", "train"]).read())["store"])
     f = FeatureStore(ref["store"])
-    assert q.path != f.path and q.attrs["key_parts"]["dtype"] == "int8"  # dtype is part of the key
+    assert q.path != f.path and q.attrs["key_parts"]["settings"]["dtype"] == "int8"  # dtype is part of the key
     for l in q.layers:
         # slack: the two runs' forwards use different batch sizes (float32 results differ in the last bits)
         _within_half_scale(f.layer(l)[:], q.layer(l)[:], q.group[f"layer_{l:02d}_scale"][:], slack=1e-4)

@@ -76,8 +76,8 @@ def test_two_seeds_double_the_stitch_jobs_only(tmp_path):
     proc = snakemake(wd, "-n", "-p")
     stats = job_stats(proc)
     # 4 pairs x 2 layers x 4 methods x 2 seeds; pretraining, extraction and probes once
-    assert stats == {"pretrain": 2, "extract_pretrained": 4, "probe": 2, "train": 64, "evaluate": 64,
-                     "table": 1, "plot": 1, "all": 1}
+    assert stats == {"pretrain": 2, "extract_pretrained": 6, "probe": 2, "train": 64, "evaluate": 64,
+                     "table": 1, "plot": 1, "findings": 1, "all": 1, "table10": 1, "cka": 1, "cka_join": 1}
     calls = _train_calls(proc.stdout)
     assert len(calls) == 64
     for c in calls:

@@ -190,7 +190,8 @@ def test_slurm_profile_dry_run_requests_gpus(workdir):
             assert "slurm_partition=" in res, (rule, res)
         gpu.setdefault(rule, set()).add("gpu=1" in res)
     assert gpu == {"extract": {True}, "train": {True, False}, "evaluate": {True}, "probe": {False},
-                   "table": {False}, "plot": {False}, "findings": {False}, "all": {False}}
+                   "table": {False}, "plot": {False}, "findings": {False}, "all": {False},
+                   "table10": {False}, "cka": {True}, "cka_join": {False}}
     lint = snakemake(workdir, "--lint", timeout=120)
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
 

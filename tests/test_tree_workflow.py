@@ -20,10 +20,17 @@ with open(os.environ["STITCHCACHE_FAKE_CALLS"], "a") as f:
     f.write(json.dumps(argv) + "\n")
 cmd = argv[0] if argv[0] != "tree" else "tree " + argv[1]
 opts = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
-outs = [opts[k] for k in ("--out", "--metrics", "--markdown") if k in opts]
+outs = [opts[k] for k in ("--out", "--metrics", "--markdown", "--predictions") if k in opts]
 if cmd == "tree plan":
     outs.append(str(Path(opts["--out"]).with_suffix(".json")))
+if cmd == "analyze":
+    cmd = "analyze " + argv[1]
+if cmd == "analyze cka-join":
+    for c in argv[argv.index("--cka") + 1:argv.index("--table")]:
+        Path(c).with_suffix(".png").write_text("stub")
 names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"],
+         "analyze table10": ["table10.parquet", "table10.md", "table10.png"],
+         "analyze cka-join": ["cka_vs_stitch.parquet", "cka_vs_stitch_spearman.parquet", "cka_vs_stitch.md"],
          "tree report": ["tree_table.md", "tree_table.csv", "tree_table.parquet", "tree_gains.json", "tree_knob.png"]}
 outs += [str(Path(opts["--out-dir"]) / n) for n in names.get(cmd, [])]
 for o in outs:
@@ -58,7 +65,7 @@ def test_dry_run_plans_the_tree_with_the_rest(tmp_path):
     stats = job_stats(proc)
     assert {k: stats[k] for k in TREE_JOBS} == TREE_JOBS and stats["train"] == 32
     out = proc.stdout
-    assert "--checkpoints results/stitch/fmnist/sup--ssl/layer2/mlp/ffm/checkpoint.pt" in out
+    assert "--checkpoints results/stitch/fmnist/sup--ssl/layer2/mlp/ffm/seed0/checkpoint.pt" in out
     assert "--fusion concat --select-layer -1" in out
 
 

@@ -138,7 +138,9 @@ def fake_cli(tmp_path, monkeypatch):
     """A PYTHONPATH folder whose `stitchcache` package shadows the real one in rule shells."""
     pkg = tmp_path / "fake" / "stitchcache"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
+    # the stub's subpackages are the real ones (common.smk imports stitchcache.config_checks, ...);
+    # only `python -m stitchcache` (__main__) is replaced
+    (pkg / "__init__.py").write_text(f"__path__.append({str(REPO / 'stitchcache')!r})\n")
     (pkg / "__main__.py").write_text(FAKE_MAIN)
     calls = tmp_path / "calls.jsonl"
     calls.touch()
@@ -325,7 +327,7 @@ def test_resources_and_gpu_declarations(tmp_path, device, gpu):
         seen.setdefault(rule, set()).add(res.get("gpu", "0"))
     assert seen == {"pretrain": {gpu}, "extract_pretrained": {gpu}, "train_tail": {gpu}, "evaluate": {gpu},
                     "train_lfm": {"0"}, "probe": {"0"}, "table": {"0"}, "plot": {"0"},
-                    "table10": {"0"}, "cka": {gpu}, "cka_join": {"0"}}
+                    "findings": {"0"}, "table10": {"0"}, "cka": {gpu}, "cka_join": {"0"}}
 
 
 def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
@@ -352,7 +354,7 @@ def test_small_cpu_jobs_are_grouped_for_clusters(tmp_path):
             (grouped if current[0] == "small" else alone).add(current[1])
     assert grouped == {"train_lfm", "probe"}
     assert alone == {"pretrain", "extract_pretrained", "train_ffm", "train_tlt", "train_ffm_tlt", "evaluate",
-                     "table", "plot", "all", "table10", "cka", "cka_join"}
+                     "table", "plot", "findings", "all", "table10", "cka", "cka_join"}
     prof = load_yaml(REPO / "workflow" / "profiles" / "slurm" / "config.yaml")
     assert prof["group-components"] == ["small=16"]
 
@@ -464,9 +466,10 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert any(r["kind"] == "self" for r in rows)
     # held-out reporting: tiny.yaml has a test split, so every reported number is on it
     assert {r["split"] for r in rows} == {"test"} and all(math.isfinite(r["d_L_rel"]) for r in rows)
-    pred = pq.read_table(wd / "results/stitch/fmnist/sup--ssl/layer1/mlp/tlt/predictions.parquet")
+    pred = pq.read_table(wd / "results/stitch/fmnist/sup--ssl/layer1/mlp/tlt/seed0/predictions.parquet")
     assert pred.num_rows == 128 and pred.schema.metadata[b"split"] == b"test"
-    assert pred.column("image").to_pylist()[0] == "test:128" and pred.column("pred_head").null_count == 0
+    assert set(pred.column("image").to_pylist()) == {f"test:{i}" for i in range(128, 256)}  # rows in store order
+    assert pred.column("pred_head").null_count == 0
     assert pq.read_table(wd / "results/probes/fmnist/sup.predictions.parquet").num_rows == 128
     findings = (wd / "results" / "findings.md").read_text()
     assert findings.startswith("# Findings") and findings.count("## Finding") == 3

@@ -16,7 +16,9 @@ SEGMENTATION_TYPES = ("ade20k",)
 def resolve_trees(cfg: dict) -> dict[str, dict]:
     """name -> the tree's settings with defaults filled in."""
     st = cfg["stitch"]
-    classification = [d for d in st["datasets"] if cfg["datasets"][d]["type"] not in SEGMENTATION_TYPES]
+    # (unknown dataset names are left to the config checks, which name the key)
+    classification = [d for d in st["datasets"]
+                      if d in cfg["datasets"] and cfg["datasets"][d]["type"] not in SEGMENTATION_TYPES]
     out = {}
     for name, t in ((cfg.get("tree") or {}).get("trees") or {}).items():
         out[name] = {**TREE_DEFAULTS, "layers": list(st["layers"]), "datasets": classification, **t,

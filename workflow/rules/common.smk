@@ -607,8 +607,10 @@ def tree_targets():
 
 
 def _check_trees():
-    for key, message in check_trees(config):
-        _config_error(key, message)
+    """tree: checks (stitchcache/tree/config.py): every error at once, each naming its config key."""
+    errors = [f"config error at {key}: {message}" for key, message in check_trees(config)]
+    if errors:
+        raise WorkflowError("\n".join(errors))
 
 
 _check_config(config)
