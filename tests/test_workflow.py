@@ -398,7 +398,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
     # one model's pretrain settings: that model and everything that touches it
     stats = plan(lambda c: c["models"]["ssl"]["pretrain"].update(epochs=2))
-    assert stats["pretrain"] == 1 and stats["extract_pretrained"] == 2 and stats["train"] == 24  # all but sup->sup
+    assert stats["pretrain"] == 1 and stats["extract_pretrained"] == 3 and stats["train"] == 24  # all but sup->sup; ssl train/val/test
     # the unused pretrain split is not part of the val/train extract jobs' params
     stats = plan(lambda c: c["datasets"]["fmnist"]["splits"]["pretrain"].update(count=128))
     assert stats["pretrain"] == 2
@@ -419,7 +419,7 @@ def test_params_only_reruns(tmp_path, fake_cli):
                      timeout=600)
     assert 'gpu=Resource("gpu", 1)' in proc.stdout + proc.stderr
     rerun = {c[0] for c in read_calls(calls)[n_before:]}
-    assert rerun == {"train", "evaluate", "table", "plot", "analyze"}
+    assert rerun == {"train", "evaluate", "table", "plot", "findings", "analyze"}
     assert "Nothing to be done" in snakemake(wd, "-n", config="changed.yaml", pythonpath=fake).stdout
 
 
