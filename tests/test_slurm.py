@@ -41,17 +41,20 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # jobs of the shrunk experiment, by rule; the backbone rules (extract, evaluate) and ffm training
 # ask for a GPU, and each of those 9 is its own sbatch job; the CPU jobs may be bundled in groups
-JOBS = {"extract": 6, "probe": 2, "train": 2, "evaluate": 2, "table": 1, "plot": 1, "findings": 1}  # extract: 3 splits x 2
-GPU_JOBS = 9
+JOBS = {"extract": 6, "probe": 2, "train": 2, "evaluate": 2, "table": 1, "plot": 1, "findings": 1,  # extract: 3 splits x 2
+        "table10": 1, "cka": 1, "cka_join": 1}
+GPU_JOBS = 10  # extract 6, train ffm 1, evaluate 2, cka 1
 # a pending job with one of these reasons can never start on this cluster (e.g. asks for more CPUs
 # than the node has): fail at once instead of waiting for the timeout
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "ReqNodeNotAvail")
 
 
 def needs_gpu(comment: str) -> bool:
-    """From the plugin's job comment `rule_<rule>_wildcards_<values>`: backbone rules and non-lfm training."""
-    rule = comment.split("_wildcards_")[0].removeprefix("rule_")
-    return rule in ("extract", "extract_pretrained", "evaluate") or (rule == "train" and not comment.endswith("_lfm"))
+    """From the plugin's job comment `rule_<rule>_wildcards_<values>`: backbone rules, the CKA atlas and
+    non-lfm training (train's wildcards end in `..._<method>_<seed>`)."""
+    rule, _, values = comment.partition("_wildcards_")
+    rule = rule.removeprefix("rule_")
+    return rule in ("extract", "extract_pretrained", "evaluate", "cka") or (rule == "train" and "_lfm_" not in values + "_")
 
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-executor-plugin-slurm (pip install -e '.[slurm]')")
