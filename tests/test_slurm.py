@@ -213,7 +213,7 @@ def test_tiny_workflow_on_slurm(cluster, workdir):
     import pyarrow.parquet as pq
 
     t0 = time.monotonic()
-    proc = snakemake(workdir, timeout=420, watch=True)
+    proc = snakemake(workdir, timeout=900, watch=True)  # 17 jobs, each an sbatch with status polling
     elapsed = time.monotonic() - t0
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
