@@ -42,8 +42,9 @@ def image_folder(tmp_path):
             "splits": {"train": {"start": 0, "count": 48}, "val": {"start": 0, "count": 48}}}
 
 
-def extract_records(specs: dict, dataset: dict, tmp_path, chunk_size: int = 16) -> dict:
-    """Extract train/val stores for each model spec; returns {(model, split): record path}."""
+def extract_records(specs: dict, dataset: dict, tmp_path, chunk_size: int = 16, **settings) -> dict:
+    """Extract train/val stores for each model spec (extra extract `settings`, e.g. dtype);
+    returns {(model, split): record path}."""
     import json
 
     from stitchcache.extract import extract
@@ -54,7 +55,7 @@ def extract_records(specs: dict, dataset: dict, tmp_path, chunk_size: int = 16) 
             path = tmp_path / "rec" / f"{m}-{split}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(extract(spec, dataset, split, tmp_path / "cache",
-                                               {"chunk_size": chunk_size, "num_workers": 0})))
+                                               {"chunk_size": chunk_size, "num_workers": 0, **settings})))
             recs[m, split] = str(path)
     return recs
 

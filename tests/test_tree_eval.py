@@ -35,21 +35,9 @@ def test_budget_parsing():
 
 @pytest.fixture
 def records(tmp_path, image_folder):
-    import conftest
+    from conftest import extract_records
 
-    specs = {n: {"name": n, **MODELS[n]} for n in "abc"}
-    recs = {}
-    from stitchcache.extract import extract
-
-    for m, spec in specs.items():
-        for split in ("train", "val"):
-            path = tmp_path / "rec" / f"{m}-{split}.json"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(extract(spec, image_folder, split, tmp_path / "cache",
-                                               {"chunk_size": 16, "num_workers": 0, "dtype": "float32"})))
-            recs[m, split] = str(path)
-    assert conftest  # (fixtures of conftest are in scope)
-    return recs
+    return extract_records({n: {"name": n, **MODELS[n]} for n in "abc"}, image_folder, tmp_path, dtype="float32")
 
 
 def _eval(tmp_path, recs, name, checkpoints=(), branches="bc", trunk="a"):
