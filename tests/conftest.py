@@ -14,6 +14,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long tests first (the real SLURM cluster, then the real workflow runs), so that with
+    `pytest -n auto` (README) the short ones fill the other workers instead of one worker
+    finishing a long test alone at the end. Order within each class is kept."""
+    def rank(item) -> int:
+        if item.get_closest_marker("slurm"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def _digest_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("STITCHCACHE_DIGEST_DIR", str(tmp_path / "digests"))

@@ -10,7 +10,8 @@ import torch
 
 from test_workflow import FMNIST, job_stats, load_yaml, make_workdir, snakemake, TINY, write_config
 
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+pytestmark = [pytest.mark.slow,  # two real Snakemake runs
+              pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")]
 
 KWARGS_A = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}
 KWARGS_B = {"img_size": 28, "patch_size": 7, "embed_dim": 48, "depth": 3, "num_heads": 2}

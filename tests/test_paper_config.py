@@ -39,6 +39,7 @@ def paper_wd(tmp_path, monkeypatch):
     return make_workdir(tmp_path, paper()), weights
 
 
+@pytest.mark.slow  # a dry run of the whole paper grid
 def test_dry_run_plans_the_whole_grid_and_lists_missing_inputs(paper_wd):
     wd, weights = paper_wd
     proc = snakemake(wd, "-n", timeout=900)
@@ -78,6 +79,7 @@ def test_real_run_stops_before_any_job(paper_wd):
     assert not (wd / "logs").exists() and not (wd / "cache" / "records").exists()
 
 
+@pytest.mark.slow  # a dry run of the whole paper grid
 def test_provided_data_disappears_from_the_report(paper_wd):
     """Once a dataset is where the config says, it is no longer listed (and its key changes)."""
     from conftest import write_ade20k

@@ -1,41 +1,14 @@
 """The tree rules in the workflow: planned with the rest, config errors by key, reruns only what changed."""
 import copy
-from pathlib import Path
 
 import pytest
 
 from stitchcache.tree.config import check_trees, resolve_trees
-from test_workflow import TINY, job_stats, load_yaml, make_workdir, read_calls, snakemake, write_config
+from test_workflow import TINY, fake_cli, job_stats, load_yaml, make_workdir, read_calls, snakemake, write_config  # noqa: F401 (fixture)
 
 TREE = {"trunk": "sup", "branches": ["ssl"], "layers": [1, 2], "fusion": "concat"}
 TREE_JOBS = {"tree_base": 1, "tree_vst": 2, "tree_report": 1, "tree_cost": 1, "tree_export": 2, "tree_plan": 1}
 
-FAKE_MAIN = r'''
-"""Stub of `python -m stitchcache`: writes each declared output and logs the call."""
-import json, os, sys
-from pathlib import Path
-
-argv = sys.argv[1:]
-with open(os.environ["STITCHCACHE_FAKE_CALLS"], "a") as f:
-    f.write(json.dumps(argv) + "\n")
-cmd = argv[0] if argv[0] != "tree" else "tree " + argv[1]
-opts = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
-outs = [opts[k] for k in ("--out", "--metrics", "--markdown", "--predictions") if k in opts]
-if cmd == "tree plan":
-    outs.append(str(Path(opts["--out"]).with_suffix(".json")))
-if cmd == "analyze":
-    cmd = "analyze " + argv[1]
-if cmd == "analyze cka-join":
-    for c in argv[argv.index("--cka") + 1:argv.index("--table")]:
-        Path(c).with_suffix(".png").write_text("stub")
-names = {"table": ["table.parquet", "table.csv", "table.md", "paper_tables.md"], "plot": ["accuracy.png", "distances.png"],
-         "analyze table10": ["table10.parquet", "table10.md", "table10.png"],
-         "analyze cka-join": ["cka_vs_stitch.parquet", "cka_vs_stitch_spearman.parquet", "cka_vs_stitch.md"],
-         "tree report": ["tree_table.md", "tree_table.csv", "tree_table.parquet", "tree_gains.json", "tree_knob.png"]}
-outs += [str(Path(opts["--out-dir"]) / n) for n in names.get(cmd, [])]
-for o in outs:
-    p = Path(o); p.parent.mkdir(parents=True, exist_ok=True); p.write_text("stub")
-'''
 
 
 def tiny_with_tree(**changes):
@@ -73,20 +46,6 @@ def test_config_error_names_the_tree_key(tmp_path):
     wd = make_workdir(tmp_path, tiny_with_tree(layers=[7]))
     proc = snakemake(wd, "-n", check=False)
     assert proc.returncode != 0 and "tree.trees.st.layers[0]" in proc.stdout + proc.stderr
-
-
-@pytest.fixture
-def fake_cli(tmp_path, monkeypatch):
-    pkg = tmp_path / "fake" / "stitchcache"
-    pkg.mkdir(parents=True)
-    # the stub's __main__ comes first; every other module (the Snakefile imports some) is the real one
-    real = Path(__file__).resolve().parents[1] / "stitchcache"
-    (pkg / "__init__.py").write_text(f"__path__.append({str(real)!r})\n")
-    (pkg / "__main__.py").write_text(FAKE_MAIN)
-    calls = tmp_path / "calls.jsonl"
-    calls.touch()
-    monkeypatch.setenv("STITCHCACHE_FAKE_CALLS", str(calls))
-    return pkg.parent, calls
 
 
 def test_tree_reruns_only_what_changed(tmp_path, fake_cli):

@@ -112,16 +112,6 @@ def check_same_images(a: FeatureStore, b: FeatureStore, what: str) -> list[str]:
     return ia
 
 
-def head_accuracy(head, exported_val, device, batch_size: int = 512) -> float:
-    """Classification accuracy of a TLT head (segmentation: ``head_metrics`` in tasks.py)."""
-    correct, n = 0, 0
-    for z, y in iter_batches([exported_val.final, exported_val.labels], batch_size):
-        with torch.no_grad():
-            correct += (head(z.to(device)).argmax(1).cpu() == y).sum().item()
-        n += len(y)
-    return correct / max(n, 1)
-
-
 def check_trained_as_asked(ckpt: dict, train_settings: dict | None, path, records: dict) -> dict:
     """The checkpoint's training fingerprint, after checking it was trained with ``train_settings``
     (the workflow's train section now; None: not checked) from the feature stores of ``records``."""
