@@ -111,7 +111,8 @@ def grid_cost(cfg: dict, reference: str = "h100") -> dict:
     return {"rows": rows, "total_ratio": rows[-1]["naive_over_cached"],
             "total_ratio_minimal": rows[-1]["minimal_over_cached"], "goal": GOAL,
             "goal_met": rows[-1]["naive_over_cached"] >= GOAL, "stitch_jobs": p["stitch_jobs"],
-            "plan_total_gpu_s": g["total"] * 3600, "epochs_x_lrs": epochs, "seeds": seeds, "reference": p["reference"]["name"],
+            "plan_total_gpu_s": g["total"] * 3600, "epochs_x_lrs": epochs, "seeds": seeds,
+            "reference": p["reference"]["name"],
             "reference_device": p["reference"]["device"]}
 
 
@@ -140,7 +141,7 @@ def print_table(res: dict) -> None:
 
 
 # ---- the measured side ---------------------------------------------------------------------------
-def _vit(width: int, depth: int, img: int, patch: int, seed: int, device: torch.device):
+def _vit(width: int, depth: int, img: int, patch: int, seed: int, device: torch.device) -> torch.nn.Module:
     from stitchcache.backends import create_backbone
 
     torch.manual_seed(seed)
