@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,3 +54,62 @@ def save(name: str, result: dict, device: torch.device) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return path
+
+
+# ---- whole processes: wall time, peak memory, a kill ---------------------------------------------
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    except OSError:
+        return 0
+
+
+def run_measured(cmd: list[str], log: Path, env: dict, cwd: Path | None = None,
+                 kill_when: Callable[[], bool] | None = None,
+                 poll_s: float = 0.1, max_pss_mb: float | None = None) -> dict:
+    """Run ``cmd`` as a whole process to its end (or SIGKILL its process group once ``kill_when()`` is
+    true, or once its tree's PSS passes ``max_pss_mb``): wall seconds, exit code, max RSS of its largest
+    process (``wait4``) and the peak summed PSS of its process tree (``/proc``, polled every ``poll_s``;
+    decode workers included)."""
+    with open(log, "ab") as lf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        peak, killed, over, done = [0], [False], [False], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                peak[0] = max(peak[0], sum(_pss_kb(p) for p in _tree(proc.pid)))
+                if not killed[0]:
+                    over[0] = max_pss_mb is not None and peak[0] > max_pss_mb * 1024
+                    if over[0] or (kill_when is not None and kill_when()):
+                        killed[0] = True
+                        try:
+                            os.killpg(proc.pid, signal.SIGKILL)  # its own session: workers die too
+                        except ProcessLookupError:  # it ended meanwhile
+                            pass
+                done.wait(poll_s)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        done.set()
+        th.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "rc": proc.returncode, "max_rss_mb": ru.ru_maxrss / 1024,
+            "tree_pss_mb": peak[0] / 1024, "killed": killed[0], "over_memory": over[0]}
