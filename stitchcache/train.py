@@ -1,7 +1,9 @@
 """One training loop for every trainable thing (stitch layers, TLT heads, linear probes).
 
 AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
-(``patience``) on the validation loss; the grid point with the best validation loss wins.
+(``patience``) on the validation loss; the grid point with the best validation loss wins. An epoch
+counts as an improvement only when it lowers the best validation loss by more than the relative
+``min_delta`` (0 = any decrease); the weights kept are those of the lowest loss either way.
 A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it only if
 it was started with exactly the same fingerprint and fit config (else it is discarded, logged).
 bf16 autocast on CUDA, fp32 on CPU. Seeded.
@@ -30,12 +32,13 @@ class FitConfig:
     patience: int = 5
     weight_decay: float = 0.0
     seed: int = 0
+    min_delta: float = 0.0  # relative: improvement means val < best * (1 - min_delta)
 
     @classmethod
     def from_settings(cls, s: dict) -> "FitConfig":
         return cls(lr_grid=[float(x) for x in s.get("lr_grid", [1e-3])], max_epochs=int(s.get("max_epochs", 100)),
                    patience=int(s.get("patience", 5)), weight_decay=float(s.get("weight_decay", 0.0)),
-                   seed=int(s.get("seed", 0)))
+                   seed=int(s.get("seed", 0)), min_delta=float(s.get("min_delta", 0.0)))
 
 
 @dataclass
@@ -93,11 +96,11 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
             run["epoch"] = epoch + 1
             run["history"].append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": v,
                                    "seconds": time.time() - t0})
+            significant = v < run["best_val"] * (1 - cfg.min_delta) if math.isfinite(run["best_val"]) else True
             if v < run["best_val"]:
-                run.update(best_val=v, best_epoch=epoch + 1, bad=0,
+                run.update(best_val=v, best_epoch=epoch + 1,
                            best_state={k: t.detach().cpu().clone() for k, t in module.state_dict().items()})
-            else:
-                run["bad"] += 1
+            run["bad"] = 0 if significant else run["bad"] + 1
             log(f"{desc} lr={lr:g} epoch {epoch + 1}: train {total / max(n, 1):.4g} val {v:.4g}")
             _save_partial(partial, {"fingerprint": fingerprint, "results": results, "current": {
                 "lr_index": li, "lr": lr, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})

@@ -131,3 +131,16 @@ def test_no_import_cycle_between_tables_and_paper():
     tree = ast.parse(inspect.getsource(tables))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {"paper", "findings", "outputs", "plots"} & imported
+
+
+def test_a_difference_inside_the_seed_spread_is_marked():
+    # seeds 0 / 1 differ by 0.3 (jitter): TLT and FFM→TLT at layer 1 differ by 0.15 between them
+    wide = table(paper_like(0) + paper_like(1, jitter=0.3))
+    md = findings_markdown(wide)
+    line = next(l for l in md.splitlines() if l.strip().startswith("- layer 3: S → S (a → a)"))
+    assert line.endswith("(within the seed spread)"), line
+    # with a small spread the same comparison is resolved and not marked
+    tight = findings_markdown(table(paper_like(0) + paper_like(1, jitter=0.01)))
+    line = next(l for l in tight.splitlines() if l.strip().startswith("- layer 3: S → S (a → a)"))
+    assert "within the seed spread" not in line
+    assert "within the seed spread" in md.split("## Finding 1")[0]  # the header explains the mark

@@ -94,6 +94,16 @@ def shallow_deep(layers):
     return layers[:k], layers[-k:]
 
 
+WITHIN = "within the seed spread"
+
+
+def within_spread(a: Stat, b: Stat) -> bool:
+    """True when two seed means differ by no more than the larger seed std: the comparison's
+    direction is not resolved by these seeds (the verdict still counts it; the evidence says so)."""
+    stds = [s.std for s in (a, b) if s.std is not None]
+    return bool(stds) and abs(a.mean - b.mean) <= max(stds)
+
+
 def _combine(verdicts):
     verdicts = list(verdicts)
     if any(v == FAILS for v in verdicts):
@@ -132,7 +142,8 @@ class _Block:
                 continue
             ok = a.mean <= b.mean
             verdicts.append(HOLDS if ok else FAILS)
-            ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}")
+            ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}"
+                      + (f" ({WITHIN})" if within_spread(a, b) else ""))
         return _combine(verdicts), ev
 
 
@@ -233,7 +244,9 @@ def findings_markdown(table, probes=None) -> str:
            f"seeds {seeds or 'none'}). Comparisons use seed means; numbers are % (accuracy) or MSE per "
            "element (d_l, d_L) as mean ± sample std (n seeds). Accuracy = task accuracy: the trained "
            "head for TLT / FFM→TLT, the refitted linear probe for LFM / FFM and the base models. "
-           "Shallow = first third of the stitch points, deep = last third. See docs/stages/report.md.", ""]
+           "Shallow = first third of the stitch points, deep = last third. A comparison marked "
+           f"*({WITHIN})* differs by no more than the larger seed std: its direction is not resolved by "
+           "these seeds, though the verdict counts it. See docs/stages/report.md.", ""]
     for f in found:
         out += [f"## Finding {f.number}: {f.verdict}", "", f"*{f.title}.*", ""]
         if not f.checks:
