@@ -117,3 +117,24 @@ def test_tree_scores_on_test_when_given(tmp_path, records):
     assert [r["split"] for r in rows] == ["test", "test"] and all(0 <= r["score"] <= 1 for r in rows)
     with pytest.raises(SystemExit, match="--trunk-test needs --branch-test"):
         cli(common + ["--trunk-test", records["a", "train"], "--out", str(tmp_path / "x.json")])
+
+
+def test_a_normalized_gain_over_a_tiny_full_gain_is_flagged():
+    """(VST - single) / (Full - single) explodes when Full barely beats single (the demo: +0.4 points
+    -> 325 %); such cells are marked, the reason is printed, a well-separated one is not marked."""
+    from stitchcache.tree.report import gain_markdown, gains
+
+    def rows(full):
+        base = {"tree": "t", "trunk": "a", "branches": ["b"], "split": "test", "dataset": "d"}
+        return [{**base, "config": "single", "k": None, "score": 0.751, "added_cost": 0.0},
+                {**base, "config": "full", "k": None, "score": full, "added_cost": 1.0},
+                {**base, "config": "vst3", "k": 3, "score": 0.764, "added_cost": 0.5}]
+
+    tiny = rows(0.755)
+    md = gain_markdown(tiny, gains(tiny))
+    cell = next(l for l in md.splitlines() if l.startswith("| VST-3 normalized gain"))
+    assert "325.0%†" in cell and "† Full − single" in md
+    wide = rows(0.80)
+    md = gain_markdown(wide, gains(wide))
+    cell = next(l for l in md.splitlines() if l.startswith("| VST-3 normalized gain"))
+    assert "†" not in cell and "† Full" not in md
