@@ -96,11 +96,11 @@ def install(timeout: float = 600) -> None:
     if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = _run(["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"],
+    proc = _run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"],
                 timeout=timeout, check=False, env=env)
     if proc.returncode != 0:  # stale package lists
-        _run(["apt-get", "update"], timeout=timeout, env=env)
-        _run(["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"],
+        _run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update"], timeout=timeout, env=env)
+        _run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"],
              timeout=timeout, env=env)
 
 

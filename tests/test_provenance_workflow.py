@@ -6,20 +6,12 @@ import copy
 
 from test_workflow import FAKE_MAIN, TINY, job_stats, load_yaml, make_workdir, snakemake, write_config
 
-FAILING_MAIN = FAKE_MAIN.replace(
-    "cmd, opts = argv[0], {}",
-    "fail = os.environ.get('STITCHCACHE_FAKE_FAIL')\n"
-    "if fail and fail in ' '.join(argv):\n"
-    "    sys.exit(1)\n"
-    "cmd, opts = argv[0], {}")
-
-
 def test_failed_train_job_after_a_settings_change_is_rerun(tmp_path, monkeypatch):
     pkg = tmp_path / "fake" / "stitchcache"
     pkg.mkdir(parents=True)
     # the Snakefile imports stitchcache's modules: the stub only shadows `python -m stitchcache`
     (pkg / "__init__.py").write_text("import pkgutil\n__path__ = pkgutil.extend_path(__path__, __name__)\n")
-    (pkg / "__main__.py").write_text(FAILING_MAIN)
+    (pkg / "__main__.py").write_text(FAKE_MAIN)  # fails the calls named by STITCHCACHE_FAKE_FAIL
     calls = tmp_path / "calls.jsonl"
     calls.touch()
     monkeypatch.setenv("STITCHCACHE_FAKE_CALLS", str(calls))

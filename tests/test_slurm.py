@@ -61,7 +61,6 @@ needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="needs snakemake-execut
 OPTED_IN = os.environ.get("STITCHCACHE_TEST_SLURM") == "1"
 needs_cluster = [
     pytest.mark.slurm,
-    pytest.mark.xdist_group("slurm"),  # `pytest -n auto --dist loadgroup`: one worker, one cluster
     pytest.mark.skipif(not OPTED_IN, reason="opt-in: set STITCHCACHE_TEST_SLURM=1 (starts a real SLURM cluster as root)"),
 ]
 

@@ -115,6 +115,9 @@ from pathlib import Path
 argv = sys.argv[1:]
 with open(os.environ["STITCHCACHE_FAKE_CALLS"], "a") as f:
     f.write(json.dumps(argv) + "\n")
+fail = os.environ.get("STITCHCACHE_FAKE_FAIL")  # a call containing this text fails (exit 1), writing nothing
+if fail and fail in " ".join(argv):
+    sys.exit(1)
 cmd = " ".join(argv[:2]) if argv[0] in ("tree", "analyze") else argv[0]   # e.g. "tree plan", "analyze cka-join"
 opts = {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
 outs = [opts[k] for k in ("--out", "--metrics", "--markdown", "--predictions") if k in opts]
