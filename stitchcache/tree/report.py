@@ -123,14 +123,16 @@ def knob_plot(rows: list[dict], path) -> None:
 
 
 def write_report(rows: list[dict], out_dir) -> dict:
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame([{k: v for k, v in r.items() if k != "checkpoints"} for r in rows])
-    table["branches"] = table["branches"].map(lambda b: "+".join(b))
-    table.to_parquet(out / "tree_table.parquet", index=False)
-    table.to_csv(out / "tree_table.csv", index=False)
+    table = pa.Table.from_pylist([{**{k: v for k, v in r.items() if k != "checkpoints"},
+                                   "branches": "+".join(r["branches"])} for r in rows])
+    pq.write_table(table, out / "tree_table.parquet")
+    pcsv.write_csv(table, out / "tree_table.csv")
     g = gains(rows)
     (out / "tree_gains.json").write_text(json.dumps(g, indent=2) + "\n")
     (out / "tree_table.md").write_text(gain_markdown(rows, g))
