@@ -1,5 +1,8 @@
 """pretrain: train a small ViT for the embedded demo, so the demo has two genuinely different encoders.
 
+Inputs are preprocessed as extraction will store them (``settings["view"]`` = the workflow's
+``extract.view``, default shared), so the encoder is probed and stitched on the images it was trained on.
+
 Objectives:
   supervised  cross-entropy of a linear head on mean-pooled final tokens (head discarded afterwards)
   simclr      NT-Xent between two augmented views (random resized crop + flip), projection MLP
@@ -71,12 +74,15 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
     bb.model.requires_grad_(True)
     data = open_split(dataset_spec, settings.get("split", "pretrain"))
     width = bb.width
+    # the images the encoder will be probed and stitched on: extraction's view (extract.view), not the
+    # library's native transform (timm's crop_pct 0.9 would train on 10 %-zoomed images)
+    pre = bb.preprocess.for_view(settings.get("view", "shared"))
     if objective == "supervised":
         head = nn.Linear(width, data.num_classes)
-        transform = bb.preprocess.transform()
+        transform = pre.transform()
     else:
         head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 64))
-        transform = TwoViews(bb.preprocess)
+        transform = TwoViews(pre)
     trainable = nn.ModuleDict({"backbone": bb.model, "head": head}).to(device)
     epochs = int(settings.get("epochs", 4))
     bs = int(settings.get("batch_size", 128))

@@ -59,3 +59,43 @@ def test_partial_of_other_settings_is_not_resumed(tmp_path, monkeypatch, capsys,
     assert f"epoch 1/{change.get('epochs', 1)}: loss" in err  # trained from scratch
     state = torch.load(out, map_location="cpu", weights_only=True)
     assert any(k.startswith("blocks.1.") for k in state)
+
+
+class _Recorded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("view", ["shared", "native"])
+def test_supervised_pretraining_sees_the_view_extraction_will_store(monkeypatch, tmp_path, view):
+    """The encoder must be trained on the images it is later probed and stitched on: timm's default
+    crop_pct 0.9 (resize 18, crop 16 here) zooms every image by 10 %, while `extract.view: shared`
+    stores the full image. Pretraining on the one and extracting the other put every probe of the demo
+    4-5 points low (a silent distribution shift). The supervised transform must be extraction's."""
+    from stitchcache.backends import create_backbone
+    from stitchcache.data import open_split
+
+    seen = {}
+    real_open = pretrain_mod.open_split
+
+    def recording_open(spec, split):
+        s = real_open(spec, split)
+
+        class Spy:
+            num_classes = s.num_classes
+
+            def torch(self, transform):
+                seen["t"] = transform
+                raise _Recorded
+
+        return Spy()
+
+    monkeypatch.setattr(pretrain_mod, "open_split", recording_open)
+    with pytest.raises(_Recorded):
+        pretrain_mod.pretrain(SPEC, DATA, {**SETTINGS, "view": view}, tmp_path / "m.pt")
+    pre = create_backbone(SPEC["backbone"], checkpoint=None, **SPEC["kwargs"]).preprocess
+    assert pre.resize != min(pre.size)  # the model's native transform crops: the two views differ
+    img = open_split(DATA, "pretrain").image(0)
+    want = pre.for_view(view).transform()(img)
+    other = pre.for_view("native" if view == "shared" else "shared").transform()(img)
+    got = seen["t"](img)
+    assert torch.equal(got, want) and not torch.equal(got, other)

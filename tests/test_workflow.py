@@ -399,6 +399,8 @@ def test_params_only_reruns(tmp_path, fake_cli):
     # extract settings: extraction and everything downstream, but no pretraining
     assert plan(lambda c: c["extract"].update(batch_size=64)) == {
         k: v for k, v in TINY_JOBS.items() if k != "pretrain"}
+    # ... except the view: the encoders are pretrained on the view extraction stores
+    assert plan(lambda c: c["extract"].update(view="native")) == TINY_JOBS
     # one model's pretrain settings: that model and everything that touches it
     stats = plan(lambda c: c["models"]["ssl"]["pretrain"].update(epochs=2))
     assert stats["pretrain"] == 1 and stats["extract_pretrained"] == 3 and stats["train"] == 24  # all but sup->sup; ssl train/val/test

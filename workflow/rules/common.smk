@@ -386,7 +386,9 @@ def pretrain_dataset_param(wildcards):
 
 
 def pretrain_settings_param(wildcards):
-    return _settings(config["models"][wildcards.model]["pretrain"])
+    # trained on the view extraction stores (pretrain.py): a changed extract.view re-pretrains
+    return _settings({**config["models"][wildcards.model]["pretrain"],
+                      "view": config["extract"].get("view", "shared")})
 
 
 def extract_dataset_param(wildcards):
