@@ -41,8 +41,13 @@ def main() -> int:
     tr, va = open_split(spec, "train"), open_split(spec, "val")
     (x_tr, y_tr), (x_va, y_va) = pixels(tr), pixels(va)
     settings = {**cfg["probe"], "seed": once_seed(cfg)}
-    res = linear_probe(x_tr, y_tr, x_va, y_va, tr.num_classes, settings)
-    print(json.dumps({"dataset": a.dataset, "train_images": len(tr), "val_images": len(va), "features": x_tr.shape[1],
+    te = open_split(spec, "test") if "test" in spec["splits"] else None
+    x_te, y_te = pixels(te) if te is not None else (None, None)
+    # selection on val; probe_acc on test when the dataset has one (as the base probes report)
+    res = linear_probe(x_tr, y_tr, x_va, y_va, tr.num_classes, settings, x_te=x_te, y_te=y_te)
+    res.pop("predictions", None)  # per-image arrays: not for the summary line
+    print(json.dumps({"dataset": a.dataset, "train_images": len(tr), "val_images": len(va),
+                      "test_images": None if te is None else len(te), "features": x_tr.shape[1],
                       **res}, sort_keys=True))
     return 0
 
