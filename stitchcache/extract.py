@@ -206,11 +206,12 @@ def request_memo_path(cache_root, rkey: str) -> Path:
     return Path(cache_root).resolve() / "requests" / f"{rkey}.json"
 
 
-def _memo_hit(memo: Path, model_spec: dict, dataset_spec: dict) -> dict | None:
+def _memo_hit(memo: Path, model_spec: dict, dataset_spec: dict, split: str) -> dict | None:
     """The record a finished extraction left under this request key, if its store is still there and
     complete and is the store the record names (its attributes carry the same content key). The
     request key covers every input the store key covers (docs/stages/extract.md, tests/test_keys.py),
-    so the same request key means the same store; names are not keyed and come from this call."""
+    so the same request key means the same store; names (model, dataset and split: two splits with
+the same definition share a store) are not keyed and come from this call."""
     try:
         record = json.loads(memo.read_text())
         store, key = record["store"], record["key"]
@@ -223,7 +224,7 @@ def _memo_hit(memo: Path, model_spec: dict, dataset_spec: dict) -> dict | None:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {**record, "model": model_spec.get("name"), "dataset": dataset_spec.get("name")}
+    return {**record, "model": model_spec.get("name"), "dataset": dataset_spec.get("name"), "split": split}
 
 
 def _write_memo(memo: Path, record: dict) -> None:
@@ -240,7 +241,7 @@ def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settin
     # A cache hit is decided from the request key first, before any model is built (or its library
     # imported) and before the image scan: weights and manifest digests are memoised per file version.
     memo = request_memo_path(cache_root, request_key(model_spec, dataset_spec, split, settings))
-    if (hit := _memo_hit(memo, model_spec, dataset_spec)) is not None:
+    if (hit := _memo_hit(memo, model_spec, dataset_spec, split)) is not None:
         log(f"cache hit: {model_spec.get('name')} on {dataset_spec.get('name')}/{split} -> {hit['store']}")
         return hit
     record = _extract(model_spec, dataset_spec, split, cache_root, settings)

@@ -129,3 +129,5 @@ def test_extract_hit_takes_names_from_the_call(tmp_path, image_folder):
     a = extract({**spec, "name": "first"}, image_folder, "train", tmp_path / "cache", settings)
     b = extract({**spec, "name": "second"}, {**image_folder, "name": "toy2"}, "train", tmp_path / "cache", settings)
     assert b["store"] == a["store"] and b["model"] == "second" and b["dataset"] == "toy2"
+    c = extract({**spec, "name": "first"}, image_folder, "val", tmp_path / "cache", settings)  # val == train here
+    assert c["store"] == a["store"] and c["split"] == "val"
