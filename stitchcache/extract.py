@@ -13,6 +13,8 @@ batches are computed.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import queue
 import sys
 import threading
@@ -20,10 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from .backends import create_backbone, weights_digest
+from .backends import weights_digest
 from .backends.identity import model_inputs
 from .cache import FeatureStore, StoreBusy, StoreWriter, content_key, feature_key_parts
 from .cache.quant import Quantized, quantize_torch
@@ -31,7 +31,12 @@ from .data import open_split
 from .data.scan import BadImages, checked_split
 from .data.base import SEGMENTATION
 from .data.segmentation import mask_transform
+from .inputs import request_key
 from .runtime import json_arg, log, pick_device, set_threads, write_json
+
+# The model libraries (timm, open_clip, transformers: ~2-3 s to import, timm pulls in
+# torchvision.ops and with it torch._dynamo) are imported only when a model is built
+# (`model_from_spec`), so a cache hit answered from the request memo (`_memo_hit`) never pays them.
 
 
 DEFAULT_LOCK_TIMEOUT = 3600.0  # seconds to wait for another process writing the same store
@@ -61,6 +66,8 @@ def image_order(n: int, seed: int | None) -> np.ndarray:
 def model_from_spec(model_spec: dict):
     """A config ``models.<name>`` entry -> frozen Backbone (checkpoint paths made absolute, so the
     spec stored with features and stitch checkpoints rebuilds the model from anywhere)."""
+    from .backends import create_backbone
+
     ckpt = model_spec.get("checkpoint")
     if ckpt is not None:
         ckpt = str(Path(ckpt).expanduser().resolve())
@@ -137,7 +144,10 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}[name]
 
 
 class _UnitBuffer:
@@ -147,12 +157,14 @@ class _UnitBuffer:
 
     def __init__(self, size: int, keys: list, num_tokens: int, width: int, dtype: str, pin: bool,
                  label_shape: tuple = (), label_dtype=np.int64):
+        import torch
+
         self.dtype, self.quant = dtype, dtype == "int8"
 
         def empty(shape, dt):
             return torch.empty(shape, dtype=dt, pin_memory=pin) if pin else torch.empty(shape, dtype=dt)
 
-        self.tokens = {k: empty((size, num_tokens, width), _TORCH_DTYPES[dtype]) for k in keys}
+        self.tokens = {k: empty((size, num_tokens, width), _torch_dtype(dtype)) for k in keys}
         self.scales = {k: empty((size, num_tokens), torch.float32) for k in keys} if self.quant else {}
         self.labels = np.empty((size, *label_shape), label_dtype)  # class indices, or (H, W) masks
         self.unit, self.n, self.filled, self.event = None, 0, 0, None
@@ -189,7 +201,55 @@ class _UnitBuffer:
         return layers, value("final"), self.labels[: self.n]
 
 
+def request_memo_path(cache_root, rkey: str) -> Path:
+    """Where a finished extraction notes its record under the request key (``inputs.request_key``)."""
+    return Path(cache_root).resolve() / "requests" / f"{rkey}.json"
+
+
+def _memo_hit(memo: Path, model_spec: dict, dataset_spec: dict, split: str) -> dict | None:
+    """The record a finished extraction left under this request key, if its store is still there and
+    complete and is the store the record names (its attributes carry the same content key). The
+    request key covers every input the store key covers (docs/stages/extract.md, tests/test_keys.py),
+    so the same request key means the same store; names (model, dataset and split: two splits with
+the same definition share a store) are not keyed and come from this call."""
+    try:
+        record = json.loads(memo.read_text())
+        store, key = record["store"], record["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not FeatureStore.is_complete(store):
+        return None
+    try:
+        if json.loads((Path(store) / "zarr.json").read_text())["attributes"]["key"] != key:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**record, "model": model_spec.get("name"), "dataset": dataset_spec.get("name"), "split": split}
+
+
+def _write_memo(memo: Path, record: dict) -> None:
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, sort_keys=True, default=str))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache root: the next hit builds the model again, as before
+
+
 def extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settings: dict) -> dict:
+    # A cache hit is decided from the request key first, before any model is built (or its library
+    # imported) and before the image scan: weights and manifest digests are memoised per file version.
+    memo = request_memo_path(cache_root, request_key(model_spec, dataset_spec, split, settings))
+    if (hit := _memo_hit(memo, model_spec, dataset_spec, split)) is not None:
+        log(f"cache hit: {model_spec.get('name')} on {dataset_spec.get('name')}/{split} -> {hit['store']}")
+        return hit
+    record = _extract(model_spec, dataset_spec, split, cache_root, settings)
+    _write_memo(memo, record)
+    return record
+
+
+def _extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, settings: dict) -> dict:
     device = pick_device(settings.get("device", "auto"))
     # cheap checks first: every image decodes (or is skipped by on_bad_image: skip), before the model
     data = checked_split(open_split(dataset_spec, split), dataset_spec.get("on_bad_image", "error"),
@@ -248,6 +308,9 @@ def _run(bb, data, writer: StoreWriter, pending: list[int], layers: list[int], d
          preprocess, order: np.ndarray) -> None:
     if not pending:
         return
+    import torch
+    from tqdm import tqdm
+
     rows = [i for u in pending for i in range(*writer.unit_range(u))]
     on_cuda = device.type == "cuda"
     seg = getattr(data, "task", None) == SEGMENTATION  # masks get the image's resize / crop (nearest)

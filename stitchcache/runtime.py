@@ -1,4 +1,7 @@
-"""Small shared helpers: devices, seeds, JSON records, logging."""
+"""Small shared helpers: devices, seeds, JSON records, logging.
+
+torch is imported inside the helpers that need it: stages that only read tables (table, findings,
+plot, analyze) import this module and must not pay torch's ~1-2 s start-up (tests/test_startup.py)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
-def pick_device(name: str | None = "auto") -> torch.device:
+def pick_device(name: str | None = "auto") -> "torch.device":
+    import torch
+
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -20,16 +24,22 @@ def pick_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
+def autocast(device: "torch.device"):
     """bf16 autocast on CUDA, a no-op (fp32) on CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    import torch
+
     return torch.autocast("cpu", enabled=False)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
+    import torch
+
     torch.manual_seed(seed)
 
 
@@ -37,6 +47,8 @@ def set_threads() -> None:
     """Respect Snakemake's `threads:` (it exports OMP_NUM_THREADS) instead of grabbing every core."""
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
+        import torch
+
         torch.set_num_threads(int(n))
 
 
