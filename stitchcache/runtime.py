@@ -26,12 +26,10 @@ def pick_device(name: str | None = "auto") -> "torch.device":
 
 def autocast(device: "torch.device"):
     """bf16 autocast on CUDA, a no-op (fp32) on CPU."""
-    if device.type == "cuda":
-        import torch
-
-        return torch.autocast("cuda", dtype=torch.bfloat16)
     import torch
 
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 

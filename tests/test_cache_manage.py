@@ -40,3 +40,6 @@ def test_ls_du_verify_gc(tmp_path, image_folder, capsys):
     assert "would remove" in capsys.readouterr().out and Path(drop["store"]).exists()
     assert cli(["cache", "gc", "--root", str(root), "--keep-referenced-by", str(wd), "--yes"]) == 0
     assert not Path(drop["store"]).exists() and Path(keep["store"]).exists()
+    # ... and the request memos (extract.request_memo_path) of the removed store, not the kept one's
+    memos = {json.loads(f.read_text())["store"] for f in (root / "requests").glob("*.json")}
+    assert memos == {keep["store"]}

@@ -168,12 +168,14 @@ def referenced_stores(workflow_dirs: list[str]) -> set[str]:
 
 
 def stale_records(root) -> list[Path]:
-    """Records under <root>/records whose store is gone or incomplete (removed by gc, or never
-    finished): the workflow would otherwise take them for done extraction jobs."""
+    """Records under <root>/records, and extraction's request memos under <root>/requests, whose
+    store is gone or incomplete (removed by gc, or never finished): the workflow would otherwise
+    take them for done extraction jobs (a dangling memo is ignored by extract, but is clutter)."""
     from .store import FeatureStore
 
     out = []
-    for f in sorted(Path(root).glob("records/**/*.json")):
+    root = Path(root)
+    for f in sorted([*root.glob("records/**/*.json"), *root.glob("requests/*.json")]):
         try:
             store = json.loads(f.read_text())["store"]
         except (OSError, ValueError, KeyError, TypeError):
