@@ -3,7 +3,10 @@
 AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
 (``patience``) on the validation loss; the grid point with the best validation loss wins. An epoch
 counts as an improvement only when it lowers the best validation loss by more than the relative
-``min_delta`` (0 = any decrease); the weights kept are those of the lowest loss either way.
+``min_delta`` (0 = any decrease) and by more than the absolute ``min_delta_abs`` (0 = no floor; the
+stitch trainer sets it for the matching losses from ``train.min_delta_var``: a loss that keeps falling
+by a constant fraction per epoch never trips a relative threshold, an absolute floor stops it); the
+weights kept are those of the lowest loss either way.
 A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it only if
 it was started with exactly the same fingerprint and fit config (else it is discarded, logged).
 bf16 autocast on CUDA, fp32 on CPU. Seeded.
@@ -33,12 +36,14 @@ class FitConfig:
     weight_decay: float = 0.0
     seed: int = 0
     min_delta: float = 0.0  # relative: improvement means val < best * (1 - min_delta)
+    min_delta_abs: float = 0.0  # absolute: ... and best - val > min_delta_abs
 
     @classmethod
     def from_settings(cls, s: dict) -> "FitConfig":
         return cls(lr_grid=[float(x) for x in s.get("lr_grid", [1e-3])], max_epochs=int(s.get("max_epochs", 100)),
                    patience=int(s.get("patience", 5)), weight_decay=float(s.get("weight_decay", 0.0)),
-                   seed=int(s.get("seed", 0)), min_delta=float(s.get("min_delta", 0.0)))
+                   seed=int(s.get("seed", 0)), min_delta=float(s.get("min_delta", 0.0)),
+                   min_delta_abs=float(s.get("min_delta_abs", 0.0)))
 
 
 @dataclass
@@ -96,7 +101,9 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
             run["epoch"] = epoch + 1
             run["history"].append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": v,
                                    "seconds": time.time() - t0})
-            significant = v < run["best_val"] * (1 - cfg.min_delta) if math.isfinite(run["best_val"]) else True
+            best = run["best_val"]
+            significant = (v < best * (1 - cfg.min_delta) and best - v > cfg.min_delta_abs
+                           if math.isfinite(best) else True)
             if v < run["best_val"]:
                 run.update(best_val=v, best_epoch=epoch + 1,
                            best_state={k: t.detach().cpu().clone() for k, t in module.state_dict().items()})

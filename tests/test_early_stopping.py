@@ -32,3 +32,31 @@ def test_min_delta_stops_a_flattened_run_and_keeps_the_best_epoch():
 def test_min_delta_is_part_of_the_settings():
     assert FitConfig.from_settings({"min_delta": 0.002}).min_delta == 0.002
     assert FitConfig.from_settings({}).min_delta == 0.0
+
+
+def geometric_fit(min_delta: float, min_delta_abs: float, max_epochs: int = 80):
+    """A validation loss that falls by 5 % of itself every epoch from 0.1, forever (a self-stitch
+    converging towards the identity): every step is 5 % relative, so no relative min_delta < 5 % fires."""
+    vals = iter([0.1 * 0.95 ** i for i in range(200)])
+    cfg = FitConfig(lr_grid=[0.1], max_epochs=max_epochs, patience=3, min_delta=min_delta,
+                    min_delta_abs=min_delta_abs)
+    x = torch.randn(8, 2)
+    return fit(lambda: nn.Linear(2, 1), lambda epoch: [(x,)], lambda m, b: m(b[0]).pow(2).mean(),
+               lambda m: next(vals), cfg, torch.device("cpu"))
+
+
+def test_a_geometric_decrease_outruns_a_relative_min_delta():
+    assert len(geometric_fit(0.005, 0.0).history) == 80
+
+
+def test_an_absolute_floor_stops_a_geometric_decrease():
+    res = geometric_fit(0.005, 1e-3)
+    # epoch k (1-based, k >= 2) improves by 0.1 * 0.95**(k-2) * 0.05; that is >= 1e-3 until 0.95**(k-2) < 0.2,
+    # i.e. up to k = 33; epochs 34, 35, 36 fall short of the floor: patience 3 ends the run after epoch 36
+    assert len(res.history) == 36
+    assert res.epochs == 36  # the weights kept are still the lowest loss's
+
+
+def test_min_delta_abs_is_part_of_the_settings():
+    assert FitConfig.from_settings({"min_delta_abs": 0.01}).min_delta_abs == 0.01
+    assert FitConfig.from_settings({}).min_delta_abs == 0.0

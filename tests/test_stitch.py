@@ -134,3 +134,24 @@ def test_killed_training_resumes_to_the_same_result(stores, tmp_path, monkeypatc
     for k in a["stitch_state"]:
         torch.testing.assert_close(a["stitch_state"][k], b["stitch_state"][k])
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["lfm", "ffm"])
+def test_min_delta_var_is_a_fraction_of_the_target_variance(stores, tmp_path, method):
+    """train.min_delta_var: a matching run's improvement must exceed that fraction of the variance of the
+    target tokens it matches (val split); recorded in the metrics; a floor of 100 % stops after `patience`."""
+    from stitchcache.cache import open_record
+    from stitchcache.stitch.losses import ChannelVariance  # the variance the relative distances use
+
+    _, metrics = _train(stores, tmp_path, method, settings={"max_epochs": 6, "patience": 2, "min_delta_var": 1.0})
+    _, tv = open_record(stores["b", "val"])
+    var = ChannelVariance()
+    var.update(torch.as_tensor((tv.layer(1) if method == "lfm" else tv.final)[:]).float())
+    assert metrics["target_var"] == pytest.approx(var.mean_variance(), rel=1e-4)
+    assert metrics["min_delta_abs"] == pytest.approx(var.mean_variance(), rel=1e-4)
+    assert len(metrics["history"]) == 3  # epoch 1 sets the best; 2 and 3 cannot improve by a whole variance
+
+
+def test_min_delta_var_does_not_apply_to_task_losses(stores, tmp_path):
+    _, metrics = _train(stores, tmp_path, "tlt", settings={"max_epochs": 4, "patience": 4, "min_delta_var": 1.0})
+    assert metrics["min_delta_abs"] == 0.0 and len(metrics["history"]) == 4

@@ -32,7 +32,7 @@ from ..backends import backbone_from_spec, weights_digest
 from ..cache import FeatureStore, StoreWriter, content_key, iter_batches, open_record
 from ..provenance import check
 from ..runtime import autocast, json_arg, log, pick_device, read_json, seed_everything, set_threads, write_json
-from ..stitch.losses import match_skip
+from ..stitch.losses import ChannelVariance, match_skip
 from ..stitch.model import StitchedTail, build_parts, load_checkpoint
 from ..tasks import SEGMENTATION, head_metrics, task_info
 from .predictions import predictions_path, predictions_table, write_predictions
@@ -62,29 +62,11 @@ def export_final(tail: StitchedTail, src_store: FeatureStore, out_path: Path, at
     return FeatureStore(out_path)
 
 
-class _ChannelVariance:
-    """Streaming per-channel variance of (B, T, D) tokens over images and tokens (float64 sums)."""
-
-    def __init__(self):
-        self.s = self.s2 = None
-        self.n = 0
-
-    def update(self, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        s, s2 = x.sum(0), (x * x).sum(0)
-        self.s, self.s2 = (s, s2) if self.s is None else (self.s + s, self.s2 + s2)
-        self.n += x.shape[0]
-
-    def mean_variance(self) -> float:
-        mean = self.s / self.n
-        return float((self.s2 / self.n - mean * mean).clamp_min(0).mean())
-
-
 def distances(stitch, layer: int, src_rep, tgt_rep, exported_rep, device, batch_size: int = 256, skip: int = 0) -> dict:
     """d_l, d_L (MSE per element) and d_l_rel, d_L_rel (over the target's mean per-channel variance)
     on one split, streamed; ``skip`` leading target tokens are left out (train.match_tokens: patch)."""
     sums = {"d_l": 0.0, "d_L": 0.0}
-    var = {"d_l": _ChannelVariance(), "d_L": _ChannelVariance()}
+    var = {"d_l": ChannelVariance(), "d_L": ChannelVariance()}
     n = 0
     arrays = [src_rep.layer(layer), tgt_rep.layer(layer), exported_rep.final, tgt_rep.final]
     for h_s, h_t, z_s, z_t in iter_batches(arrays, batch_size):

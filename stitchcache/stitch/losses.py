@@ -1,6 +1,7 @@
 """The training objectives (PROTOCOL.md). All distances are mean squared error per element."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 METHODS = ("lfm", "ffm", "tlt", "ffm_tlt")
@@ -32,3 +33,31 @@ def ffm_loss(tail, h_src, z_tgt, skip: int = 0):
 def tlt_loss(tail, head, h_src, labels):
     """Task loss: cross-entropy of a linear head on the pooled stitched final tokens."""
     return F.cross_entropy(head(tail(h_src)), labels)
+
+
+class ChannelVariance:
+    """Streaming per-channel variance of (B, T, D) tokens over images and tokens (float64 sums); its
+    mean over channels is the scale of the relative distances (d_rel = MSE / variance, 1.0 = predicting
+    the mean) and of ``train.min_delta_var``."""
+
+    def __init__(self):
+        self.s = self.s2 = None
+        self.n = 0
+
+    def update(self, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        s, s2 = x.sum(0), (x * x).sum(0)
+        self.s, self.s2 = (s, s2) if self.s is None else (self.s + s, self.s2 + s2)
+        self.n += x.shape[0]
+
+    def mean_variance(self) -> float:
+        mean = self.s / self.n
+        return float((self.s2 / self.n - mean * mean).clamp_min(0).mean())
+
+
+def token_variance(batches, skip: int = 0) -> float:
+    """Mean per-channel variance of the tokens of ``batches`` ((B, T, D) tensors, ``skip`` leading tokens left out)."""
+    var = ChannelVariance()
+    for (x,) in batches:
+        var.update(torch.as_tensor(x)[:, skip:].float())
+    return var.mean_variance() if var.n else float("nan")

@@ -34,7 +34,7 @@ from .choices import parse_choice
 from .layers import STITCH_LAYERS, PrefixMap, Stitch, make_stitch_config
 from .lora import extract_block
 from .lstsq import lstsq_linear
-from .losses import METHODS, ffm_loss, lfm_loss, match_skip
+from .losses import METHODS, ffm_loss, lfm_loss, match_skip, token_variance
 from .model import load_checkpoint, save_checkpoint
 
 
@@ -168,7 +168,11 @@ def train_stitch(job: TrainJob) -> int:
         loss_fn = lambda m, b: tlt_loss(lambda h: tail(m, h), m["head"], b[0], b[1])  # CE or per-pixel CE
 
     bs = int(settings.get("lfm_batch_size", 256) if method == "lfm" else settings.get("batch_size", 128))
-    cfg = FitConfig.from_settings({**settings, "seed": seed})
+    # matching losses: an improvement must also exceed train.min_delta_var x the variance of the target
+    # tokens matched (val split), the scale of the relative distances; task losses have no such scale
+    target_var = token_variance(iter_batches([val_arrays[1]], bs), skip) if method in ("lfm", "ffm") else None
+    min_delta_abs = float(settings.get("min_delta_var", 0.0)) * target_var if target_var is not None else 0.0
+    cfg = FitConfig.from_settings({**settings, "seed": seed, "min_delta_abs": min_delta_abs})
 
     def batches(epoch_seed):
         return iter_batches(train_arrays, bs, shuffle=True, seed=epoch_seed)
@@ -189,7 +193,8 @@ def train_stitch(job: TrainJob) -> int:
             "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
     info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
-            "init": stitch_init, "match_tokens": match_tokens,
+            "init": stitch_init, "match_tokens": match_tokens, "target_var": target_var,
+            "min_delta_abs": min_delta_abs,
             "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default"),
             "provenance": fp}
     save_checkpoint(out, spec, best["stitch"], best["head"] if head_cfg else None, info)
