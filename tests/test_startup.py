@@ -94,6 +94,7 @@ def test_extract_cache_hit_builds_no_model(tmp_path, image_folder):
     proc, mods = run_stage(*extract_args(spec, image_folder, cache, tmp_path / "r2.json"))
     assert "cache hit" in proc.stderr + proc.stdout
     assert "timm" not in mods and "torchvision" not in mods, mods
+    assert "torch" not in mods, f"a cache hit imported torch (~1.3 s per job): {mods}"
     assert json.loads((tmp_path / "r2.json").read_text()) == first
 
 
@@ -131,3 +132,20 @@ def test_extract_hit_takes_names_from_the_call(tmp_path, image_folder):
     assert b["store"] == a["store"] and b["model"] == "second" and b["dataset"] == "toy2"
     c = extract({**spec, "name": "first"}, image_folder, "val", tmp_path / "cache", settings)  # val == train here
     assert c["store"] == a["store"] and c["split"] == "val"
+
+
+def test_the_workflow_dag_build_imports_no_torch():
+    """Every `snakemake` call (a dry run, each job's re-parse of the Snakefile) imports what
+    workflow/rules/*.smk import from stitchcache; none of it may pull in torch (~1.3 s each time)."""
+    import re
+
+    mods = set()
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")) + [ROOT / "Snakefile"]:
+        mods |= set(re.findall(r"^\s*(?:from|import) (stitchcache[\w.]*)", smk.read_text(), re.M))
+    assert "stitchcache.inputs" in mods  # the parse found common.smk's imports
+    code = "import sys\n" + "".join(f"import {m}\n" for m in sorted(mods)) + \
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"the DAG build imports {proc.stdout.strip()} via {sorted(mods)}"

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
-from .base import Backbone, BackboneFacts, Preprocess
 from .weights import WeightsMismatch, WeightsNotFound, weights_digest
+
+# the Backbone contract (an nn.Module) needs torch; it is imported on first use, so that what needs
+# no model (an extract cache hit, a DAG build, a digest) starts without torch (issue 15)
+_LAZY = {"Backbone": ".base", "BackboneFacts": ".base", "Preprocess": ".base"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # library prefix -> module holding ``build(arch, checkpoint=None, **kwargs) -> Backbone``
 _LIBRARIES = {
@@ -33,7 +40,7 @@ def parse_name(name: str) -> tuple[str, str]:
     return lib, arch
 
 
-def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backbone:
+def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> "Backbone":
     """Build a frozen backbone.
 
     name: 'timm:ARCH', 'open_clip:ARCH_OR_CONFIG_JSON', 'hf:LOCAL_DIR_OR_HUB_ID', or a registry name
@@ -45,6 +52,8 @@ def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backb
       shape-mismatched tensor stops with an error naming the model, the file and the first keys;
       ``strict_load=False`` is the opt-out for intended partial loads (what did not fit is logged).
     """
+    import torch
+
     from .registry import is_registered, resolve_model
 
     weights_root = kwargs.pop("weights_root", None)
@@ -68,7 +77,7 @@ def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> Backb
     return bb.freeze()
 
 
-def backbone_from_spec(spec: dict) -> Backbone:
+def backbone_from_spec(spec: dict) -> "Backbone":
     """Rebuild a backbone from ``Backbone.spec`` (as stored in checkpoints and store attributes)."""
     spec = dict(spec)
     name = spec.pop("name")

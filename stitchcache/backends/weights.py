@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..digest import file_digest
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -31,6 +33,8 @@ def require_path(path: str | os.PathLike, what: str, hint: str = "") -> Path:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file (``weights_only=True``, never pickle code)."""
+    import torch
+
     p = Path(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file

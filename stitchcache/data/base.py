@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
@@ -73,7 +72,10 @@ class Split:
         return TransformedSplit(self, transform, label_transform)
 
 
-class TransformedSplit(torch.utils.data.Dataset):
+class TransformedSplit:
+    """A map-style dataset for ``torch.utils.data.DataLoader`` (``__len__`` / ``__getitem__``; a
+    DataLoader needs no Dataset base class, and without it reading a split needs no torch)."""
+
     def __init__(self, split: Split, transform, label_transform=None):
         if getattr(split, "task", CLASSIFICATION) == SEGMENTATION and label_transform is None:
             raise ValueError(f"segmentation split {split.name!r}: its masks need a label_transform that "

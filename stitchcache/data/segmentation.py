@@ -9,7 +9,6 @@ model's input size. Pixel (y, x) of the mask is then pixel (y, x) of the model i
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .base import IGNORE_INDEX
 
@@ -70,6 +69,8 @@ def mask_transform(preprocess, fill: int = IGNORE_INDEX):
         out = np.array(mask, dtype=np.uint8)
         if out.shape != size:
             raise RuntimeError(f"mask preprocessing gave {out.shape}, expected {size}")
+        import torch
+
         return torch.from_numpy(out)
 
     return apply
