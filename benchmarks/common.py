@@ -79,21 +79,36 @@ def _pss_kb(pid: int) -> int:
         return 0
 
 
-def run_measured(cmd: list[str], log: Path, env: dict, cwd: Path | None = None,
+def _hwm_kb(pid: int) -> int:
+    """The process's own RSS high-water mark (``VmHWM``). Not ``wait4``'s ``ru_maxrss``: Linux floors
+    that at the RSS of the process the child was forked from (exec keeps the old address space's
+    high-water mark), so every tool launched by a big benchmark process would report its size."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None, cwd: Path | None = None,
                  kill_when: Callable[[], bool] | None = None,
-                 poll_s: float = 0.1, max_pss_mb: float | None = None) -> dict:
+                 poll_s: float = 0.05, max_pss_mb: float | None = None) -> dict:
     """Run ``cmd`` as a whole process to its end (or SIGKILL its process group once ``kill_when()`` is
-    true, or once its tree's PSS passes ``max_pss_mb``): wall seconds, exit code, max RSS of its largest
-    process (``wait4``) and the peak summed PSS of its process tree (``/proc``, polled every ``poll_s``;
-    decode workers included)."""
+    true, or once its tree's PSS passes ``max_pss_mb``): wall seconds, exit code, the peak RSS of its
+    largest process (``VmHWM``) and the peak summed PSS of its process tree (both from ``/proc``,
+    polled every ``poll_s``, decode workers included; a peak inside the last poll before a process
+    exits is missed: ``VmHWM`` only grows, so that is the only blind spot)."""
     with open(log, "ab") as lf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
-        peak, killed, over, done = [0], [False], [False], threading.Event()
+        peak, hwm, killed, over, done = [0], {}, [False], [False], threading.Event()
 
         def poll():
             while not done.is_set():
-                peak[0] = max(peak[0], sum(_pss_kb(p) for p in _tree(proc.pid)))
+                tree = _tree(proc.pid)
+                for p in tree:
+                    hwm[p] = max(hwm.get(p, 0), _hwm_kb(p))
+                peak[0] = max(peak[0], sum(_pss_kb(p) for p in tree))
                 if not killed[0]:
                     over[0] = max_pss_mb is not None and peak[0] > max_pss_mb * 1024
                     if over[0] or (kill_when is not None and kill_when()):
@@ -106,10 +121,10 @@ def run_measured(cmd: list[str], log: Path, env: dict, cwd: Path | None = None,
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()
-        _, status, ru = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         done.set()
         th.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": wall, "rc": proc.returncode, "max_rss_mb": ru.ru_maxrss / 1024,
+    return {"wall_s": wall, "rc": proc.returncode, "max_rss_mb": max(hwm.values(), default=0) / 1024,
             "tree_pss_mb": peak[0] / 1024, "killed": killed[0], "over_memory": over[0]}

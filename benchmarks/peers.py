@@ -15,7 +15,7 @@ torch thread each, capturing every block output and the final norm:
 
 R rounds; in each, every (tool, N) and (tool, 2N) run and the bare forward go in a shuffled order;
 medians. Per tool: img/s at 2N end to end and the steady rate N / (t_2N - t_N), both ÷ bare; peak
-memory (max RSS of the largest process from wait4, and the summed PSS of the process tree, polled);
+memory (the largest process's peak RSS, VmHWM, and the summed PSS of the process tree, both polled);
 bytes on disk per image and captured array; resume after SIGKILL (stitchcache: killed once a chunk is
 recorded, re-run, compared file by file with an uninterrupted store; torchlens: its resume=True, the
 same test on its shards; others: no); the largest |difference| of any captured token to
