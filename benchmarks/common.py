@@ -29,12 +29,17 @@ def device_name(device: torch.device) -> str:
             f"{torch.get_num_threads()} threads)")
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str:
+    """The value after ``key:`` on the first line of a /proc file that starts with ``key``; '' if none."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), "")
     except OSError:
         return ""
+
+
+def _cpu_model() -> str:
+    return _proc_field("/proc/cpuinfo", "model name")
 
 
 def timed(fn, min_seconds: float = 1.0, sync=None) -> tuple[float, int]:
@@ -81,22 +86,14 @@ def _tree(pid: int) -> list[int]:
 
 
 def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
-    except OSError:
-        return 0
+    return int(_proc_field(f"/proc/{pid}/smaps_rollup", "Pss:").split(" ")[0] or 0)
 
 
 def _hwm_kb(pid: int) -> int:
     """The process's own RSS high-water mark (``VmHWM``). Not ``wait4``'s ``ru_maxrss``: Linux floors
     that at the RSS of the process the child was forked from (exec keeps the old address space's
     high-water mark), so every tool launched by a big benchmark process would report its size."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
-    except OSError:
-        return 0
+    return int(_proc_field(f"/proc/{pid}/status", "VmHWM:").split(" ")[0] or 0)
 
 
 def run_measured(cmd: list[str], log: Path, env: dict | None, cwd: Path | None = None,

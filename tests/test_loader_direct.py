@@ -97,16 +97,26 @@ def test_shuffled_epoch_is_deterministic_and_paired(tmp_path):
     assert a == epoch(3) and a != epoch(4) and sorted(a) == list(range(50)) and a != list(range(50))
 
 
+def _count_getitems(monkeypatch) -> list:
+    calls, orig = [], zarr.Array.__getitem__
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: calls.append(self.path) or orig(self, sel))
+    return calls
+
+
+def _pass(s):
+    return [torch.cat(t) for t in zip(*iter_batches([s.layer(0), s.labels], 3, shuffle=True, seed=5, block=4))]
+
+
 def test_small_zarr_arrays_are_read_once_per_pass(tmp_path, x, monkeypatch):
     """Labels (zstd-compressed, 8 bytes per image) cost one zarr getitem per block, ≈ 0.7 ms each, which
     is a quarter of a pass over a 0.8 GB store on a fast-memory VM: a small array is read whole, once
     per pass, and gives exactly what per-block reads give."""
     s = _store(tmp_path / "s", x, np.arange(23) % 7)
-    want = [torch.cat(t) for t in zip(*iter_batches([s.layer(0), s.labels], 3, shuffle=True, seed=5, block=4))]
-    calls = []
-    orig = zarr.Array.__getitem__
-    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: calls.append(self.path) or orig(self, sel))
-    got = [torch.cat(t) for t in zip(*iter_batches([s.layer(0), s.labels], 3, shuffle=True, seed=5, block=4))]
+    with monkeypatch.context() as m:
+        m.setattr(loader, "_WHOLE_BYTES", 0)  # the per-block path
+        want = _pass(s)
+    calls = _count_getitems(monkeypatch)
+    got = _pass(s)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert calls.count(s.labels.path) == 1, calls  # 6 blocks, one read
@@ -116,8 +126,6 @@ def test_small_zarr_arrays_are_read_once_per_pass(tmp_path, x, monkeypatch):
 def test_large_zarr_arrays_are_still_read_per_block(tmp_path, x, monkeypatch):
     s = _store(tmp_path / "z", x, np.arange(23), compressor="zstd")
     monkeypatch.setattr(loader, "_WHOLE_BYTES", 8)  # every array counts as large
-    calls = []
-    orig = zarr.Array.__getitem__
-    monkeypatch.setattr(zarr.Array, "__getitem__", lambda self, sel: calls.append(self.path) or orig(self, sel))
-    list(iter_batches([s.layer(0), s.labels], 3, shuffle=True, seed=5, block=4))
+    calls = _count_getitems(monkeypatch)
+    _pass(s)
     assert calls.count(s.labels.path) == 6 and calls.count(s.layer(0).path) == 6, calls

@@ -112,7 +112,7 @@ def block_reader(x) -> Callable[..., np.ndarray]:
     layout = _direct_layout(x)
     if layout is not None:
         return lambda a, b, perm=None: _read_direct(x, layout, a, b, perm)
-    if not isinstance(x, np.ndarray) and _nbytes(x) <= _WHOLE_BYTES:
+    if not isinstance(x, np.ndarray) and x.nbytes <= _WHOLE_BYTES:
         # small arrays through zarr (labels: zstd, 8 bytes per image): one getitem per pass, not per
         # block (each costs ~0.7 ms, a quarter of a pass over a 0.8 GB store on fast memory)
         whole: list[np.ndarray] = []
@@ -133,10 +133,6 @@ def block_reader(x) -> Callable[..., np.ndarray]:
 
 
 _WHOLE_BYTES = 64 << 20  # arrays at most this big are read whole, once per pass (memory stays bounded)
-
-
-def _nbytes(x) -> int:
-    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 # ---- direct chunk reads -----------------------------------------------------------------------
