@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stitchcache.report.findings import FAILS, HOLDS, NO_DATA, check_findings, findings_markdown, shallow_deep
+from stitchcache.report.findings import (FAILS, HOLDS, NO_DATA, UNRESOLVED, WITHIN, check_findings, findings_markdown,
+                                       shallow_deep)
 from stitchcache.report.tables import PROBES_KEY, SCHEMA
 
 LAYERS = (1, 2, 3)   # shallow [1], deep [3]
@@ -144,3 +145,59 @@ def test_a_difference_inside_the_seed_spread_is_marked():
     line = next(l for l in tight.splitlines() if l.strip().startswith("- layer 3: S → S (a → a)"))
     assert "within the seed spread" not in line
     assert "within the seed spread" in md.split("## Finding 1")[0]  # the header explains the mark
+
+
+def _two_seeds_with(change, jitter=0.3):
+    """paper_like results for seeds 0 and 1 (seed 1 shifted by ``jitter``: seed std 0.21 in every
+    cell), then ``change(row)`` applied to every row."""
+    rows = paper_like(0) + paper_like(1, jitter=jitter)
+    for r in rows:
+        change(r)
+    return table(rows)
+
+
+def _tlt_just_above_ffm_tlt(delta, jitter=0.3):
+    def change(r):   # a → b TLT at layer 3: ``delta`` above FFM→TLT there (0.55 + 0.3 + 0.05 + jitter)
+        if r["kind"] == "cross" and r["method"] == "tlt" and r["layer"] == 3:
+            r["head_acc"] = 0.90 + delta + (jitter if r["seed"] == 1 else 0.0)
+    return change
+
+
+def test_a_reversal_inside_the_seed_spread_is_not_resolved_not_a_failure():
+    # FFM→TLT is 1 point below TLT at layer 3, the seeds spread by 21 points: the direction of the
+    # comparison is noise, so finding 2's claim (a) can neither hold nor fail on these seeds
+    f2 = check_findings(_two_seeds_with(_tlt_just_above_ffm_tlt(0.01)))[1]
+    assert f2.checks[0].verdict == UNRESOLVED, f2.checks[0]
+    assert f2.verdict == UNRESOLVED
+    assert any("layer 3:" in e and WITHIN in e for e in f2.checks[0].evidence)
+    md = findings_markdown(_two_seeds_with(_tlt_just_above_ffm_tlt(0.01)))
+    assert f"## Finding 2: {UNRESOLVED}" in md
+    assert f"**{UNRESOLVED}** — ds, a → b, mlp: FFM→TLT >= TLT" in md
+
+
+def test_a_reversal_outside_the_seed_spread_still_fails():
+    # the same reversal with seeds that agree (std 0.7 points) is resolved: claim (a) fails
+    f2 = check_findings(_two_seeds_with(_tlt_just_above_ffm_tlt(0.05, jitter=0.01), jitter=0.01))[1]
+    assert f2.checks[0].verdict == FAILS and f2.verdict == FAILS
+
+
+def test_a_resolved_failure_outweighs_an_unresolved_comparison():
+    # one comparison unresolved (layer 3, wide spread) and finding 3's probe comparison a resolved
+    # failure (probe 0.99 far above every stitched value): the finding does not hold
+    found = check_findings(table(paper_like(0) + paper_like(1, jitter=0.3), probes={"a": 0.70, "b": 2.0}))
+    assert found[2].verdict == FAILS
+
+
+def test_the_shallow_deep_gain_comparison_inside_the_spread_is_not_resolved():
+    def change(r):   # a → b gains: shallow 0.70 − 0.60, deep 0.90 − 0.85: differ by 5 points < the 21-point spread
+        if r["method"] == "tlt":
+            r["head_acc"] = {1: 0.60, 2: 0.60, 3: 0.85}[r["layer"]] + (0.3 if r["seed"] == 1 else 0.0)
+    f2 = check_findings(_two_seeds_with(change))[1]
+    assert f2.checks[1].verdict == UNRESOLVED, f2.checks[1]
+    assert WITHIN in f2.checks[1].evidence[0]
+
+
+def test_one_seed_says_every_comparison_counts_its_sign():
+    md = findings_markdown(table(paper_like()))
+    assert "With one seed there is no spread" in md and UNRESOLVED not in md.split("See docs")[1]
+    assert "With one seed" not in findings_markdown(table(paper_like(0) + paper_like(1, jitter=0.01)))

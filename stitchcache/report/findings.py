@@ -19,9 +19,13 @@ deep contrast and the claims that need one have not enough data.
   is >= both self-stitch controls S → S and T → T (same layer, stitch variant, method) and >= both
   base linear probes.
 
-Verdicts: a claim *holds* when every comparison it makes holds, *does not hold* when one fails,
-*not enough data* when a value it needs is missing. A finding holds when all of its claims hold in
-every block, does not hold when any claim fails anywhere, else not enough data.
+Verdicts of one comparison a <= b: *holds* / *does not hold* by the sign of the seed-mean
+difference, except that a difference no larger than the larger seed std of the cells compared is
+*not resolved by the seeds* (its direction is noise: on two machines the same code once gave
++0.2 and once −0.2 for one such comparison); with one seed there is no spread and every comparison
+counts its sign. A claim does not hold when any comparison fails, holds when every one holds, has
+*not enough data* when a value it needs is missing, else is not resolved; a finding combines its
+claims over every block the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, variant
 
 HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
+UNRESOLVED = "not resolved by the seeds"
 TLT_METHODS = ("tlt", "ffm_tlt")
 NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 TITLES = {
@@ -97,11 +102,21 @@ def shallow_deep(layers):
 WITHIN = "within the seed spread"
 
 
+def noise(*stats: Stat) -> float | None:
+    """The larger seed std of the cells compared (None when none has one: a single seed)."""
+    stds = [s.std for s in stats if s.std is not None]
+    return max(stds) if stds else None
+
+
 def within_spread(a: Stat, b: Stat) -> bool:
     """True when two seed means differ by no more than the larger seed std: the comparison's
-    direction is not resolved by these seeds (the verdict still counts it; the evidence says so)."""
-    stds = [s.std for s in (a, b) if s.std is not None]
-    return bool(stds) and abs(a.mean - b.mean) <= max(stds)
+    direction is not resolved by these seeds."""
+    n = noise(a, b)
+    return n is not None and abs(a.mean - b.mean) <= n
+
+
+def _verdict(ok: bool, unresolved: bool) -> str:
+    return UNRESOLVED if unresolved else HOLDS if ok else FAILS
 
 
 def _combine(verdicts):
@@ -110,7 +125,9 @@ def _combine(verdicts):
         return FAILS
     if verdicts and all(v == HOLDS for v in verdicts):
         return HOLDS
-    return NO_DATA
+    if not verdicts or any(v == NO_DATA for v in verdicts):
+        return NO_DATA
+    return UNRESOLVED
 
 
 class _Block:
@@ -140,10 +157,10 @@ class _Block:
                 verdicts.append(NO_DATA)
                 ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)}, {hi[0]} {b.fmt(kind)}")
                 continue
-            ok = a.mean <= b.mean
-            verdicts.append(HOLDS if ok else FAILS)
+            ok, unresolved = a.mean <= b.mean, within_spread(a, b)
+            verdicts.append(_verdict(ok, unresolved))
             ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}"
-                      + (f" ({WITHIN})" if within_spread(a, b) else ""))
+                      + (f" ({WITHIN})" if unresolved else ""))
         return _combine(verdicts), ev
 
 
@@ -162,29 +179,33 @@ def _finding1(b: _Block):
 
 
 def _gain(b: _Block, layers):
-    """Mean over ``layers`` of the seed-mean gain FFM→TLT − TLT (None when any is missing)."""
-    gains = []
+    """Mean over ``layers`` of the seed-mean gain FFM→TLT − TLT and the cells it used (None, [] when
+    any is missing)."""
+    gains, cells = [], []
     for l in layers:
         a, t = b.stat("ffm_tlt", l), b.stat("tlt", l)
         if a.mean is None or t.mean is None:
-            return None
+            return None, []
         gains.append(a.mean - t.mean)
-    return sum(gains) / len(gains) if gains else None
+        cells += [a, t]
+    return (sum(gains) / len(gains) if gains else None), cells
 
 
 def _finding2(b: _Block):
     m = lambda method: (NAMES[method], lambda l: b.stat(method, l))
     v, ev = b.compare(b.layers, m("tlt"), m("ffm_tlt"), "")
     checks = [Check("FFM→TLT >= TLT (head) at every stitch point", v, ev)]
-    gs, gd = _gain(b, b.shallow), _gain(b, b.deep)
+    (gs, cs), (gd, cd) = _gain(b, b.shallow), _gain(b, b.deep)
     if gs is None or gd is None:
         checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", NO_DATA,
                             [f"shallow {b.shallow or '(none)'}, deep {b.deep or '(none)'}: a TLT or FFM→TLT value is missing"]))
     else:
-        ok = gs >= gd
-        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", HOLDS if ok else FAILS,
+        n = noise(*cs, *cd)
+        ok, unresolved = gs >= gd, n is not None and abs(gs - gd) <= n
+        spread = f" (largest seed std of the cells: {100 * n:.1f}; {WITHIN})" if unresolved else ""
+        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", _verdict(ok, unresolved),
                             [f"mean gain at shallow {b.shallow}: {100 * gs:+.1f} points {'>=' if ok else '<'} "
-                             f"at deep {b.deep}: {100 * gd:+.1f} points"]))
+                             f"at deep {b.deep}: {100 * gd:+.1f} points{spread}"]))
     return checks
 
 
@@ -236,6 +257,7 @@ def findings_markdown(table, probes=None) -> str:
     found = check_findings(table, probes)
     seeds = sorted({s for s in table.column("seed").to_pylist() if s is not None}) if table.num_rows else []
     splits = reported_splits(table)
+    one_seed = len(seeds) <= 1
     where = (f"split {' / '.join(splits)}" if splits else "the split the evaluations report")
     if splits == ["val"]:
         where += " (reported on val, also used for selection: no test split)"
@@ -245,8 +267,11 @@ def findings_markdown(table, probes=None) -> str:
            "element (d_l, d_L) as mean ± sample std (n seeds). Accuracy = task accuracy: the trained "
            "head for TLT / FFM→TLT, the refitted linear probe for LFM / FFM and the base models. "
            "Shallow = first third of the stitch points, deep = last third. A comparison marked "
-           f"*({WITHIN})* differs by no more than the larger seed std: its direction is not resolved by "
-           "these seeds, though the verdict counts it. See docs/stages/report.md.", ""]
+           f"*({WITHIN})* differs by no more than the larger seed std of the cells compared: its "
+           f"direction is noise, so it is *{UNRESOLVED}* — it neither holds nor fails, and a claim "
+           "with one such comparison and no failure is not resolved (run more `seeds`). "
+           + ("With one seed there is no spread: every comparison counts its sign. " if one_seed else "")
+           + "See docs/stages/report.md.", ""]
     for f in found:
         out += [f"## Finding {f.number}: {f.verdict}", "", f"*{f.title}.*", ""]
         if not f.checks:
