@@ -182,9 +182,11 @@ def test_a_reversal_outside_the_seed_spread_still_fails():
 
 
 def test_a_resolved_failure_outweighs_an_unresolved_comparison():
-    # one comparison unresolved (layer 3, wide spread) and finding 3's probe comparison a resolved
-    # failure (probe 0.99 far above every stitched value): the finding does not hold
+    # the control comparisons at layer 3 unresolved (5-point gap, 21-point spread) and the target
+    # probe comparison a resolved failure (probe 200 % far above every stitched value): the finding
+    # does not hold
     found = check_findings(table(paper_like(0) + paper_like(1, jitter=0.3), probes={"a": 0.70, "b": 2.0}))
+    assert sum(WITHIN in e for e in found[2].checks[0].evidence) == 2
     assert found[2].verdict == FAILS
 
 

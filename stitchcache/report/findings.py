@@ -108,15 +108,19 @@ def noise(*stats: Stat) -> float | None:
     return max(stds) if stds else None
 
 
+def unresolved(diff: float, *stats: Stat) -> bool:
+    """True when a difference of seed means is no larger than the larger seed std of the cells it
+    came from: its direction is not resolved by these seeds."""
+    n = noise(*stats)
+    return n is not None and abs(diff) <= n
+
+
 def within_spread(a: Stat, b: Stat) -> bool:
-    """True when two seed means differ by no more than the larger seed std: the comparison's
-    direction is not resolved by these seeds."""
-    n = noise(a, b)
-    return n is not None and abs(a.mean - b.mean) <= n
+    return unresolved(a.mean - b.mean, a, b)
 
 
-def _verdict(ok: bool, unresolved: bool) -> str:
-    return UNRESOLVED if unresolved else HOLDS if ok else FAILS
+def _verdict(ok: bool, noisy: bool) -> str:
+    return UNRESOLVED if noisy else HOLDS if ok else FAILS
 
 
 def _combine(verdicts):
@@ -157,10 +161,10 @@ class _Block:
                 verdicts.append(NO_DATA)
                 ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)}, {hi[0]} {b.fmt(kind)}")
                 continue
-            ok, unresolved = a.mean <= b.mean, within_spread(a, b)
-            verdicts.append(_verdict(ok, unresolved))
+            ok, noisy = a.mean <= b.mean, within_spread(a, b)
+            verdicts.append(_verdict(ok, noisy))
             ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}"
-                      + (f" ({WITHIN})" if unresolved else ""))
+                      + (f" ({WITHIN})" if noisy else ""))
         return _combine(verdicts), ev
 
 
@@ -200,10 +204,9 @@ def _finding2(b: _Block):
         checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", NO_DATA,
                             [f"shallow {b.shallow or '(none)'}, deep {b.deep or '(none)'}: a TLT or FFM→TLT value is missing"]))
     else:
-        n = noise(*cs, *cd)
-        ok, unresolved = gs >= gd, n is not None and abs(gs - gd) <= n
-        spread = f" (largest seed std of the cells: {100 * n:.1f}; {WITHIN})" if unresolved else ""
-        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", _verdict(ok, unresolved),
+        ok, noisy = gs >= gd, unresolved(gs - gd, *cs, *cd)
+        spread = f" (largest seed std of the cells: {100 * noise(*cs, *cd):.1f}; {WITHIN})" if noisy else ""
+        checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", _verdict(ok, noisy),
                             [f"mean gain at shallow {b.shallow}: {100 * gs:+.1f} points {'>=' if ok else '<'} "
                              f"at deep {b.deep}: {100 * gd:+.1f} points{spread}"]))
     return checks
