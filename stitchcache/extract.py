@@ -26,6 +26,7 @@ import numpy as np
 from .backends import weights_digest
 from .backends.identity import model_inputs
 from .cache import FeatureStore, StoreBusy, StoreWriter, content_key, feature_key_parts
+from .cache.keys import token_settings
 from .cache.quant import Quantized, quantize_torch
 from .data import open_split
 from .data.scan import BadImages, checked_split
@@ -83,9 +84,10 @@ def spec_inputs(model_spec: dict) -> dict:
 def store_key_parts(bb, model_spec: dict, data, settings: dict) -> dict:
     """The store's content key parts: the built model's facts (preprocessing included), weights,
     config files and library versions, the split's manifest and the token-changing settings."""
-    layers = resolve_layers(settings.get("layers", "all"), bb.depth)
+    tok = token_settings(settings)
+    layers = resolve_layers(tok["layers"], bb.depth)
     return feature_key_parts(backbone_facts=bb.describe(), weights_digest=weights_digest(bb.spec.get("checkpoint")),
-                             manifest_digest=data.digest(), layers=layers, dtype=settings.get("dtype", "float16"),
+                             manifest_digest=data.digest(), layers=layers, dtype=tok["dtype"],
                              model_inputs=spec_inputs(model_spec), settings=settings)
 
 
@@ -257,9 +259,9 @@ def _extract(model_spec: dict, dataset_spec: dict, split: str, cache_root, setti
                          dataset=dataset_spec.get("name"))
     skipped = list(getattr(data, "skipped_ids", []))
     bb = model_from_spec(model_spec).to(device)
-    layers = resolve_layers(settings.get("layers", "all"), bb.depth)
-    dtype = settings.get("dtype", "float16")
-    view, order_seed = settings.get("view", "shared"), settings.get("order_seed", 0)
+    tok = token_settings(settings)  # defaults filled in: the same values the content key sees
+    layers = resolve_layers(tok["layers"], bb.depth)
+    dtype, view, order_seed = tok["dtype"], tok["view"], tok["order_seed"]
     if view not in VIEWS:
         raise SystemExit(f"error: extract.view {view!r} is not one of {' | '.join(VIEWS)}")
     preprocess = bb.preprocess.for_view(view)  # what this model's images really go through

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .backends import create_backbone
+from .cache.keys import TOKEN_SETTING_DEFAULTS
 from .data import open_split
 from .provenance import code_digest, differs, fingerprint
 from .runtime import json_arg, log, pick_device, seed_everything, set_threads
@@ -83,7 +84,7 @@ def pretrain(model_spec: dict, dataset_spec: dict, settings: dict, out: Path) ->
     width = bb.width
     # the images the encoder will be probed and stitched on: extraction's view (extract.view), not the
     # library's native transform (timm's crop_pct 0.9 would train on 10 %-zoomed images)
-    pre = bb.preprocess.for_view(settings.get("view", "shared"))
+    pre = bb.preprocess.for_view(settings.get("view", TOKEN_SETTING_DEFAULTS["view"]))
     if objective == "supervised":
         head = nn.Linear(width, data.num_classes)
         transform = pre.transform()

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from ..backends.check import ModelCheckError
+from ..cache.keys import token_settings
 from ..config_checks import ConfigError, ConfigErrors
 from ..grid import stitch_seeds
 from .cost import ITEMSIZE, LABEL_BYTES, ORDER_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
@@ -96,7 +97,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     tr = cfg.get("train") or {}
     ds_names = stitch_datasets(st)
     used = [m for m in cfg["models"] if any(m in p for p in st["pairs"])]
-    dtype = ex.get("dtype", "float16")
+    dtype = token_settings(ex)["dtype"]
     compressor = ex.get("compressor", "none") or "none"
     itemsize, scale_bytes = ITEMSIZE[dtype], SCALE_BYTES.get(dtype, 0)
     notes: list[str] = []
@@ -124,7 +125,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
             bb = build_random_init(name, m, cfg.get("weights_root"), meta=not do_measure)
         except ModelCheckError as e:  # e.g. an HF model whose config.json is in its (missing) weights folder
             raise ConfigErrors([ConfigError(f"models.{name}.{e.field}", f"model {name!r}: {e.message}")]) from None
-        layers = resolve_layers(ex.get("layers", "all"), bb.depth)
+        layers = resolve_layers(token_settings(ex)["layers"], bb.depth)
         shape = model_shape(bb)
         shape["layers"] = len(layers)
         shape["bytes_per_layer_image"] = bb.num_tokens * (bb.width * itemsize + scale_bytes)

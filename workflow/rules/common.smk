@@ -388,7 +388,7 @@ def pretrain_dataset_param(wildcards):
 def pretrain_settings_param(wildcards):
     # trained on the view extraction stores (pretrain.py): a changed extract.view re-pretrains
     return _settings({**config["models"][wildcards.model]["pretrain"],
-                      "view": config["extract"].get("view", "shared")})
+                      "view": config["extract"]["view"]})  # the schema fills the default
 
 
 def extract_dataset_param(wildcards):
