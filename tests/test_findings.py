@@ -139,12 +139,12 @@ def test_a_difference_inside_the_seed_spread_is_marked():
     wide = table(paper_like(0) + paper_like(1, jitter=0.3))
     md = findings_markdown(wide)
     line = next(l for l in md.splitlines() if l.strip().startswith("- layer 3: S → S (a → a)"))
-    assert line.endswith("(within the seed spread)"), line
+    assert f"({WITHIN}; noise 21.2: seed std 21.2)" in line, line
     # with a small spread the same comparison is resolved and not marked
     tight = findings_markdown(table(paper_like(0) + paper_like(1, jitter=0.01)))
     line = next(l for l in tight.splitlines() if l.strip().startswith("- layer 3: S → S (a → a)"))
-    assert "within the seed spread" not in line
-    assert "within the seed spread" in md.split("## Finding 1")[0]  # the header explains the mark
+    assert WITHIN not in line
+    assert WITHIN in md.split("## Finding 1")[0]  # the header explains the mark
 
 
 def _two_seeds_with(change, jitter=0.3):
@@ -201,5 +201,6 @@ def test_the_shallow_deep_gain_comparison_inside_the_spread_is_not_resolved():
 
 def test_one_seed_says_every_comparison_counts_its_sign():
     md = findings_markdown(table(paper_like()))
-    assert "With one seed there is no spread" in md and UNRESOLVED not in md.split("See docs")[1]
+    assert "With one seed there is no seed spread: every comparison counts its sign" in md
+    assert UNRESOLVED not in md.split("See docs")[1]
     assert "With one seed" not in findings_markdown(table(paper_like(0) + paper_like(1, jitter=0.01)))

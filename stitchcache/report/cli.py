@@ -65,15 +65,20 @@ def run_plot(args):
 def configure_findings_parser(p):
     p.add_argument("--table", required=True, metavar="TABLE.parquet", help="output of the table stage")
     p.add_argument("--out", required=True, metavar="FINDINGS.md", help="the findings section (Markdown)")
+    p.add_argument("--predictions", nargs="*", default=[], metavar="PREDICTIONS.parquet",
+                   help="per-image predictions of the runs and base probes: the test split's noise (paired "
+                        "standard errors) joins the seed spread in deciding what is resolved")
     return p
 
 
 def run_findings(args):
     from .findings import check_findings, findings_markdown
+    from .noise import Correctness
     table = read_results_table(args.table)
+    correct = Correctness.from_files(getattr(args, "predictions", None) or [])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(findings_markdown(table) + "\n")
-    verdicts = ", ".join(f"finding {f.number}: {f.verdict}" for f in check_findings(table))
+    out.write_text(findings_markdown(table, correct=correct) + "\n")
+    verdicts = ", ".join(f"finding {f.number}: {f.verdict}" for f in check_findings(table, correct=correct))
     print(f"findings: {verdicts} -> {out}")
     return 0

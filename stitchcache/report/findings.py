@@ -20,22 +20,26 @@ deep contrast and the claims that need one have not enough data.
   base linear probes.
 
 Verdicts of one comparison a <= b: *holds* / *does not hold* by the sign of the seed-mean
-difference, except that a difference no larger than the larger seed std of the cells compared is
-*not resolved by the seeds* (its direction is noise: on two machines the same code once gave
-+0.2 and once −0.2 for one such comparison); with one seed there is no spread and every comparison
-counts its sign. A claim does not hold when any comparison fails, holds when every one holds, has
-*not enough data* when a value it needs is missing, else is not resolved; a finding combines its
-claims over every block the same way.
+difference, except that a difference no larger than its noise is *not resolved* (its direction is
+noise: on two machines the same code once gave +0.2 and once −0.2 for one such comparison). The
+noise is sqrt(s² + se²): s the larger seed std of the cells compared (how much training moves the
+number on these test images), se the paired standard error of the accuracy difference over the test
+images (how much it would move on another test split of the same size; noise.py, from the per-image
+predictions when they are given; distances have only s). With one seed and no predictions there is
+no noise estimate and every comparison counts its sign. A claim does not hold when any comparison
+fails, holds when every one holds, has *not enough data* when a value it needs is missing, else is
+not resolved; a finding combines its claims over every block the same way.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from .noise import Correctness
 from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, variant
 
 HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
-UNRESOLVED = "not resolved by the seeds"
+UNRESOLVED = "not resolved (within the noise)"
 TLT_METHODS = ("tlt", "ffm_tlt")
 NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 TITLES = {
@@ -48,19 +52,21 @@ TITLES = {
 
 @dataclass
 class Stat:
-    """Seed statistics of one cell: mean, sample std (None for one seed), number of seeds."""
+    """Seed statistics of one cell: mean, sample std (None for one seed), number of seeds; ``key``:
+    the cell's key in the per-image predictions (noise.py; None for a distance)."""
     mean: float | None
     std: float | None
     n: int
+    key: tuple | None = None
 
     @classmethod
-    def of(cls, vals):
+    def of(cls, vals, key=None):
         vals = [v for v in vals if v is not None and not math.isnan(v)]
         if not vals:
-            return cls(None, None, 0)
+            return cls(None, None, 0, key)
         m = sum(vals) / len(vals)
         sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-        return cls(m, sd, len(vals))
+        return cls(m, sd, len(vals), key)
 
     def fmt(self, kind="acc"):
         f = fmt_acc if kind == "acc" else fmt_dist
@@ -99,24 +105,35 @@ def shallow_deep(layers):
     return layers[:k], layers[-k:]
 
 
-WITHIN = "within the seed spread"
+WITHIN = "within the noise"
 
 
-def noise(*stats: Stat) -> float | None:
+@dataclass
+class Noise:
+    """What a difference of cell means is compared with: the larger seed std of the cells and the
+    test split's standard error of the difference (each None when unknown)."""
+    seed_std: float | None
+    test_se: float | None
+
+    @property
+    def total(self) -> float | None:
+        parts = [v for v in (self.seed_std, self.test_se) if v is not None]
+        return math.sqrt(sum(v * v for v in parts)) if parts else None
+
+    def unresolved(self, diff: float) -> bool:
+        """True when the difference is no larger than the noise: its direction is not resolved."""
+        return self.total is not None and abs(diff) <= self.total
+
+    def fmt(self, scale=100.0, digits=1) -> str:
+        parts = [f"seed std {scale * self.seed_std:.{digits}f}" if self.seed_std is not None else None,
+                 f"test s.e. {scale * self.test_se:.{digits}f}" if self.test_se is not None else None]
+        return f"noise {scale * self.total:.{digits}f}: " + ", ".join(p for p in parts if p)
+
+
+def seed_noise(*stats: Stat) -> float | None:
     """The larger seed std of the cells compared (None when none has one: a single seed)."""
     stds = [s.std for s in stats if s.std is not None]
     return max(stds) if stds else None
-
-
-def unresolved(diff: float, *stats: Stat) -> bool:
-    """True when a difference of seed means is no larger than the larger seed std of the cells it
-    came from: its direction is not resolved by these seeds."""
-    n = noise(*stats)
-    return n is not None and abs(diff) <= n
-
-
-def within_spread(a: Stat, b: Stat) -> bool:
-    return unresolved(a.mean - b.mean, a, b)
 
 
 def _verdict(ok: bool, noisy: bool) -> str:
@@ -137,8 +154,9 @@ def _combine(verdicts):
 class _Block:
     """The rows of one (dataset, S, T, stitch variant) plus the dataset's base probes."""
 
-    def __init__(self, rows, ds, src, tgt, st, probes):
+    def __init__(self, rows, ds, src, tgt, st, probes, correct: Correctness):
         self.ds, self.src, self.tgt, self.st = ds, src, tgt, st
+        self.correct = correct
         self.rows = [r for r in rows if r["dataset"] == ds and r["stitch"] == st]
         self.probes = probes
         self.layers = sorted({r["layer"] for r in rows if r["dataset"] == ds})
@@ -148,7 +166,17 @@ class _Block:
         src, tgt = src or self.src, tgt or self.tgt
         vals = [task_value(r) if fld == "task" else r[fld] for r in self.rows
                 if r["source"] == src and r["target"] == tgt and r["method"] == method and r["layer"] == layer]
-        return Stat.of(vals)
+        key = ("stitch", self.ds, src, tgt, layer, self.st, method) if fld == "task" else None
+        return Stat.of(vals, key)
+
+    def probe(self, model) -> Stat:
+        return Stat.of([self.probes.get((self.ds, model))], ("probe", self.ds, model))
+
+    def noise(self, terms, stats) -> Noise:
+        """The noise of Σ w · mean over ``terms`` = [(w, Stat), ...]; ``stats``: the cells behind it."""
+        keys = [(w, s.key) for w, s in terms]
+        se = None if any(k is None for _, k in keys) else self.correct.contrast_se(keys)
+        return Noise(seed_noise(*stats), se)
 
     def compare(self, layers, lo, hi, what, kind="acc"):
         """Check lo <= hi at every layer; lo / hi: (label, callable layer -> Stat)."""
@@ -161,10 +189,13 @@ class _Block:
                 verdicts.append(NO_DATA)
                 ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)}, {hi[0]} {b.fmt(kind)}")
                 continue
-            ok, noisy = a.mean <= b.mean, within_spread(a, b)
+            nz = self.noise([(1.0, a), (-1.0, b)], (a, b))
+            ok, noisy = a.mean <= b.mean, nz.unresolved(a.mean - b.mean)
             verdicts.append(_verdict(ok, noisy))
+            scale, digits = (100.0, 1) if kind == "acc" else (1.0, 4)
+            detail = nz.fmt(scale, digits) if nz.total is not None else ""
             ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}"
-                      + (f" ({WITHIN})" if noisy else ""))
+                      + (f" ({WITHIN}; {detail})" if noisy else f" ({detail})" if nz.test_se is not None else ""))
         return _combine(verdicts), ev
 
 
@@ -183,16 +214,16 @@ def _finding1(b: _Block):
 
 
 def _gain(b: _Block, layers):
-    """Mean over ``layers`` of the seed-mean gain FFM→TLT − TLT and the cells it used (None, [] when
-    any is missing)."""
-    gains, cells = [], []
+    """Mean over ``layers`` of the seed-mean gain FFM→TLT − TLT and its terms [(w, Stat), ...]
+    (None, [] when any is missing)."""
+    gains, terms = [], []
     for l in layers:
         a, t = b.stat("ffm_tlt", l), b.stat("tlt", l)
         if a.mean is None or t.mean is None:
             return None, []
         gains.append(a.mean - t.mean)
-        cells += [a, t]
-    return (sum(gains) / len(gains) if gains else None), cells
+        terms += [(1.0 / len(layers), a), (-1.0 / len(layers), t)]
+    return (sum(gains) / len(gains) if gains else None), terms
 
 
 def _finding2(b: _Block):
@@ -204,8 +235,9 @@ def _finding2(b: _Block):
         checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", NO_DATA,
                             [f"shallow {b.shallow or '(none)'}, deep {b.deep or '(none)'}: a TLT or FFM→TLT value is missing"]))
     else:
-        ok, noisy = gs >= gd, unresolved(gs - gd, *cs, *cd)
-        spread = f" (largest seed std of the cells: {100 * noise(*cs, *cd):.1f}; {WITHIN})" if noisy else ""
+        nz = b.noise(cs + [(-w, s) for w, s in cd], [s for _, s in cs + cd])
+        ok, noisy = gs >= gd, nz.unresolved(gs - gd)
+        spread = (f" ({WITHIN}; {nz.fmt()})" if noisy else f" ({nz.fmt()})" if nz.test_se is not None else "")
         checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", _verdict(ok, noisy),
                             [f"mean gain at shallow {b.shallow}: {100 * gs:+.1f} points {'>=' if ok else '<'} "
                              f"at deep {b.deep}: {100 * gd:+.1f} points{spread}"]))
@@ -217,8 +249,7 @@ def _finding3(b: _Block):
     refs = [(f"S → S ({b.src} → {b.src})", lambda l: b.stat("ffm_tlt", l, src=b.src, tgt=b.src)),
             (f"T → T ({b.tgt} → {b.tgt})", lambda l: b.stat("ffm_tlt", l, src=b.tgt, tgt=b.tgt))]
     for model, side in ((b.src, "source"), (b.tgt, "target")):
-        p = b.probes.get((b.ds, model))
-        refs.append((f"{side} probe ({model})", lambda l, p=p: Stat.of([p])))
+        refs.append((f"{side} probe ({model})", lambda l, model=model: b.probe(model)))
     verdicts, ev = [], []
     for ref in refs:
         v, e = b.compare(b.deep, ref, stitched, "deep")
@@ -228,7 +259,9 @@ def _finding3(b: _Block):
                   "base probes", _combine(verdicts), ev)]
 
 
-def check_findings(table, probes=None) -> list[Finding]:
+def check_findings(table, probes=None, correct: Correctness | None = None) -> list[Finding]:
+    """``correct``: the per-image predictions (noise.py); without them the test split's noise is not counted."""
+    correct = correct if correct is not None else Correctness()
     rows = rows_of(table)
     for r in rows:
         r["stitch"] = variant(r)
@@ -242,7 +275,7 @@ def check_findings(table, probes=None) -> list[Finding]:
     for number, fn in ((1, _finding1), (2, _finding2), (3, _finding3)):
         checks = []
         for ds, src, tgt, st in blocks:
-            b = _Block(rows, ds, src, tgt, st, pacc)
+            b = _Block(rows, ds, src, tgt, st, pacc, correct)
             for c in fn(b):
                 c.claim = f"{ds}, {pair_label({'source': src, 'target': tgt, 'kind': 'cross'})}, {st}: {c.claim}"
                 checks.append(c)
@@ -256,24 +289,30 @@ def reported_splits(table) -> list[str]:
     return sorted({s for s in table.column("split").to_pylist() if s})
 
 
-def findings_markdown(table, probes=None) -> str:
-    found = check_findings(table, probes)
+def findings_markdown(table, probes=None, correct: Correctness | None = None) -> str:
+    found = check_findings(table, probes, correct)
     seeds = sorted({s for s in table.column("seed").to_pylist() if s is not None}) if table.num_rows else []
     splits = reported_splits(table)
     one_seed = len(seeds) <= 1
+    n_pred = len(correct) if correct is not None else 0
     where = (f"split {' / '.join(splits)}" if splits else "the split the evaluations report")
     if splits == ["val"]:
         where += " (reported on val, also used for selection: no test split)"
+    test_noise = (f"the paired standard error of the accuracy difference over the test images (test s.e., from "
+                  f"the per-image predictions of {n_pred} runs and probes)" if n_pred else
+                  "no per-image predictions were given, so the test split's noise is not counted")
     out = ["# Findings", "",
            f"The paper's three findings, checked on the results in results/table.parquet ({where}; "
            f"seeds {seeds or 'none'}). Comparisons use seed means; numbers are % (accuracy) or MSE per "
            "element (d_l, d_L) as mean ± sample std (n seeds). Accuracy = task accuracy: the trained "
            "head for TLT / FFM→TLT, the refitted linear probe for LFM / FFM and the base models. "
            "Shallow = first third of the stitch points, deep = last third. A comparison marked "
-           f"*({WITHIN})* differs by no more than the larger seed std of the cells compared: its "
-           f"direction is noise, so it is *{UNRESOLVED}* — it neither holds nor fails, and a claim "
-           "with one such comparison and no failure is not resolved (run more `seeds`). "
-           + ("With one seed there is no spread: every comparison counts its sign. " if one_seed else "")
+           f"*({WITHIN})* differs by no more than its noise, sqrt(s² + se²): s the larger seed std of "
+           f"the cells compared, se {test_noise}. Its direction is noise, so it is *{UNRESOLVED}* — it "
+           "neither holds nor fails, and a claim with one such comparison and no failure is not resolved "
+           "(more `seeds` shrink s, a larger test split shrinks se). "
+           + ("With one seed there is no seed spread" + ("" if n_pred else ": every comparison counts its sign")
+              + ". " if one_seed else "")
            + "See docs/stages/report.md.", ""]
     for f in found:
         out += [f"## Finding {f.number}: {f.verdict}", "", f"*{f.title}.*", ""]

@@ -274,6 +274,11 @@ def all_probes():
     return [f"results/probes/{dataset}/{m}.json" for dataset in stitch_datasets() for m in stitched_models()]
 
 
+def all_probe_predictions():
+    """findings: the base probes' per-image predictions (beside each probe json)."""
+    return [p[: -len(".json")] + ".predictions.parquet" for p in all_probes()]
+
+
 def findings_targets():
     """The findings section (results/findings.md), checked on the results table."""
     return ["results/findings.md"]

@@ -50,6 +50,8 @@ rule plot:
 rule findings:
     input:
         table="results/table.parquet",
+        # per-image predictions: the test split's noise (paired standard errors) in the verdicts
+        predictions=all_predictions() + all_probe_predictions(),
     output:
         findings=report("results/findings.md", caption="../report/findings.rst", category="Findings"),
     log:
@@ -61,4 +63,5 @@ rule findings:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m stitchcache findings --table {input.table:q} --out {output.findings:q} > {log:q} 2>&1"
+        "python -m stitchcache findings --table {input.table:q} --predictions {input.predictions:q}"
+        " --out {output.findings:q} > {log:q} 2>&1"
