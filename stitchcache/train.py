@@ -2,8 +2,9 @@
 
 AdamW; for each learning rate of a grid, up to ``max_epochs`` epochs with early stopping
 (``patience``) on the validation loss; the grid point with the best validation loss wins. An epoch
-counts as an improvement only when it lowers the best validation loss by more than the relative
-``min_delta`` (0 = any decrease) and by more than the absolute ``min_delta_abs`` (0 = no floor; the
+counts as an improvement only when it lowers the validation loss *of the last improvement* by more
+than the relative ``min_delta`` (0 = any decrease) and by more than the absolute ``min_delta_abs``
+(so a loss that falls by less per epoch but more over a few epochs keeps training; 0 = no floor; the
 stitch trainer sets it for the matching losses from ``train.min_delta_var``: a loss that keeps falling
 by a constant fraction per epoch never trips a relative threshold, an absolute floor stops it); the
 weights kept are those of the lowest loss either way.
@@ -74,7 +75,8 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
         module = build().to(device)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        run = {"lr": lr, "epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad": 0, "best_state": None, "history": []}
+        run = {"lr": lr, "epoch": 0, "best_val": math.inf, "ref_val": math.inf, "best_epoch": 0, "bad": 0,
+               "best_state": None, "history": []}
         if state and state.get("current", {}).get("lr_index") == li and state["current"].get("lr") == lr:
             cur = state["current"]
             module.load_state_dict(cur["state"])
@@ -101,13 +103,19 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
             run["epoch"] = epoch + 1
             run["history"].append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": v,
                                    "seconds": time.time() - t0})
-            best = run["best_val"]
-            significant = (v < best * (1 - cfg.min_delta) and best - v > cfg.min_delta_abs
-                           if math.isfinite(best) else True)
+            # patience counts epochs since the last *significant* improvement, measured against the loss
+            # at that improvement (``ref_val``), not the running best: a loss falling by less than
+            # min_delta per epoch but more over a few epochs is still training (Keras / Lightning)
+            ref = run.get("ref_val", run["best_val"])
+            significant = (v < ref * (1 - cfg.min_delta) and ref - v > cfg.min_delta_abs
+                           if math.isfinite(ref) else True)
             if v < run["best_val"]:
                 run.update(best_val=v, best_epoch=epoch + 1,
                            best_state={k: t.detach().cpu().clone() for k, t in module.state_dict().items()})
-            run["bad"] = 0 if significant else run["bad"] + 1
+            if significant:
+                run.update(ref_val=v, bad=0)
+            else:
+                run["bad"] += 1
             log(f"{desc} lr={lr:g} epoch {epoch + 1}: train {total / max(n, 1):.4g} val {v:.4g}")
             _save_partial(partial, {"fingerprint": fingerprint, "results": results, "current": {
                 "lr_index": li, "lr": lr, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})

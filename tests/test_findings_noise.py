@@ -105,8 +105,15 @@ def test_a_gap_outside_the_seed_spread_but_inside_the_test_noise_is_not_resolved
 def test_the_header_says_whether_the_test_noise_was_counted(tmp_path):
     t = _deep_gap_rows()
     assert "test split's noise is not counted" in findings_markdown(t)
-    md = findings_markdown(t, correct=_deep_predictions(tmp_path, disagree=100))
+    c = _deep_predictions(tmp_path, disagree=100)
+    md = findings_markdown(t, correct=c)
     assert "per-image predictions of 4 runs and probes" in md and f"## Finding 3: {UNRESOLVED}" in md
+    # cells compared without predictions (both probes, the b → b control, the other layers' runs) are
+    # counted and named, not silently skipped; the two cells that have predictions are not among them
+    warning = next(l for l in md.splitlines() if l.startswith("**Warning"))
+    assert "10 compared cell(s) have no per-image predictions" in warning and "ds/a, ds/b" in warning
+    assert ("stitch", "ds", "b", "b", 3, "mlp", "ffm_tlt") in c.missing and len(c.missing) == 10
+    assert not {k for k in c.missing if k[2:5] in (("a", "a", 3), ("a", "b", 3)) and k[-1] == "ffm_tlt"}
     # one seed with predictions: no longer "every comparison counts its sign"
     one = findings_markdown(table(paper_like()), correct=_deep_predictions(tmp_path / "one", disagree=100))
     assert "With one seed there is no seed spread." in one and "counts its sign" not in one

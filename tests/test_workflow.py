@@ -480,6 +480,10 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert pq.read_table(wd / "results/probes/fmnist/sup.predictions.parquet").num_rows == 128
     findings = (wd / "results" / "findings.md").read_text()
     assert findings.startswith("# Findings") and findings.count("## Finding") == 3
+    # the verdicts count the test split's noise from every run's and probe's predictions (keys match)
+    n_probes = len(list((wd / "results/probes/fmnist").glob("*.predictions.parquet")))
+    assert f"per-image predictions of {len(rows) + n_probes} runs and probes" in findings, findings[:1500]
+    assert "test s.e." in findings and "**Warning" not in findings
 
     # analyses (docs/stages/analysis.md): Table 10 for every cross run (2 pairs x 1 layer x 4 methods),
     # the CKA atlas of the pair {sup, ssl} and its join with the results table

@@ -314,6 +314,10 @@ def findings_markdown(table, probes=None, correct: Correctness | None = None) ->
            + ("With one seed there is no seed spread" + ("" if n_pred else ": every comparison counts its sign")
               + ". " if one_seed else "")
            + "See docs/stages/report.md.", ""]
+    if correct is not None and correct.missing:
+        names = ", ".join("/".join(str(x) for x in k[1:]) for k in sorted(correct.missing, key=str)[:8])
+        out += [f"**Warning: {len(correct.missing)} compared cell(s) have no per-image predictions**, so their "
+                f"comparisons count the seed spread only: {names}{' …' if len(correct.missing) > 8 else ''}.", ""]
     for f in found:
         out += [f"## Finding {f.number}: {f.verdict}", "", f"*{f.title}.*", ""]
         if not f.checks:

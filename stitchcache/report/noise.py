@@ -44,6 +44,7 @@ class Correctness:
     def __init__(self):
         self._seeds: dict[tuple, dict] = {}     # key -> {seed: (ids, correct)}
         self._files: dict[tuple, Path] = {}
+        self.missing: set[tuple] = set()        # cells asked for that have no predictions (files were given)
 
     @classmethod
     def from_files(cls, paths) -> "Correctness":
@@ -96,6 +97,8 @@ class Correctness:
         """Standard error over the test images of Σ w · accuracy(key) for ``terms`` = [(w, key), ...];
         None when a cell has no predictions (then the test split's noise is not known)."""
         cells = [(w, self.per_image(k), k) for w, k in terms]
+        if self._files:   # predictions were given: a cell without them is worth naming
+            self.missing.update(k for _, c, k in cells if c is None)
         if not cells or any(c is None for _, c, _ in cells):
             return None
         ids = cells[0][1][0]
