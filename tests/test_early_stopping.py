@@ -34,15 +34,20 @@ def test_min_delta_is_part_of_the_settings():
     assert FitConfig.from_settings({}).min_delta == 0.0
 
 
-def geometric_fit(min_delta: float, min_delta_abs: float, max_epochs: int = 80):
-    """A validation loss that falls by 5 % of itself every epoch from 0.1, forever (a self-stitch
-    converging towards the identity): every step is 5 % relative, so no relative min_delta < 5 % fires."""
-    vals = iter([0.1 * 0.95 ** i for i in range(200)])
+def steady_fit(vals, min_delta=0.0, min_delta_abs=0.0, max_epochs=50):
+    """fit() on a prescribed sequence of validation losses (patience 3)."""
+    vals = iter(vals)
     cfg = FitConfig(lr_grid=[0.1], max_epochs=max_epochs, patience=3, min_delta=min_delta,
                     min_delta_abs=min_delta_abs)
     x = torch.randn(8, 2)
     return fit(lambda: nn.Linear(2, 1), lambda epoch: [(x,)], lambda m, b: m(b[0]).pow(2).mean(),
                lambda m: next(vals), cfg, torch.device("cpu"))
+
+
+def geometric_fit(min_delta: float, min_delta_abs: float, max_epochs: int = 80):
+    """A validation loss that falls by 5 % of itself every epoch from 0.1, forever (a self-stitch
+    converging towards the identity): every step is 5 % relative, so no relative min_delta < 5 % fires."""
+    return steady_fit([0.1 * 0.95 ** i for i in range(200)], min_delta, min_delta_abs, max_epochs)
 
 
 def test_a_geometric_decrease_outruns_a_relative_min_delta():
@@ -62,15 +67,6 @@ def test_an_absolute_floor_stops_a_geometric_decrease():
 def test_min_delta_abs_is_part_of_the_settings():
     assert FitConfig.from_settings({"min_delta_abs": 0.01}).min_delta_abs == 0.01
     assert FitConfig.from_settings({}).min_delta_abs == 0.0
-
-
-def steady_fit(vals, min_delta=0.0, min_delta_abs=0.0, max_epochs=50):
-    vals = iter(vals)
-    cfg = FitConfig(lr_grid=[0.1], max_epochs=max_epochs, patience=3, min_delta=min_delta,
-                    min_delta_abs=min_delta_abs)
-    x = torch.randn(8, 2)
-    return fit(lambda: nn.Linear(2, 1), lambda epoch: [(x,)], lambda m, b: m(b[0]).pow(2).mean(),
-               lambda m: next(vals), cfg, torch.device("cpu"))
 
 
 def test_a_steady_fall_below_min_delta_per_epoch_is_not_a_plateau():
