@@ -61,8 +61,8 @@ def test_different_test_images_stop_loudly(tmp_path):
 
 def _deep_gap_rows():
     """paper_like with seeds 0 / 1 (seed std 0.07 points) and the a → b FFM→TLT at layer 3 0.6 points
-    *below* the a → a control there, far above b → b and both probes — the shape of the demo's
-    finding 3 (0.6 below `sup→sup`)."""
+    *below* the a → a control there, far above b → b and both probes (the shape of the demo's
+    finding 3 on 2026-12-03: 0.6 below `sup→sup`, which the seeds alone called resolved)."""
     rows = paper_like(0) + paper_like(1, jitter=0.001)
     for r in rows:
         if r["method"] == "ffm_tlt" and r["layer"] == 3:

@@ -10,8 +10,8 @@ Over the draw of the test images that difference has the standard error
 the two accuracies' binomial errors combined. Any linear contrast Σ_k w_k acc_k (finding 2's gain
 difference) has se = std_i(Σ_k w_k c_k,i) / sqrt(n) the same way. The seed spread measures how much
 training varies on *these* images; this measures how much the comparison would move on another
-test split of the same size. At 1000 images and 80 % accuracy it is about 1 point for two models
-that disagree on a tenth of the images.
+test split of the same size: about 1 point at 1000 images for two models that disagree on a tenth
+of them (sqrt(0.1 / 1000)), 0.45 at 5000.
 
 ``Correctness.from_files(paths)`` indexes the ``predictions.parquet`` files of the evaluate and probe
 stages (evaluate/predictions.py) by cell: ``("stitch", dataset, source, target, layer, stitch,
