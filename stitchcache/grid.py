@@ -46,3 +46,10 @@ def stitch_seeds(cfg: dict) -> list[int]:
 def once_seed(cfg: dict) -> int:
     """The seed of the stages that run once (pretrain, extract, base probes): ``seed``."""
     return int(cfg.get("seed", 0))
+
+
+def method_lr_grid(settings: dict, method: str) -> list:
+    """The LR grid of a method: ``train.ffm_lr_grid`` for ffm when set, else ``train.lr_grid``."""
+    if method == "ffm" and settings.get("ffm_lr_grid"):
+        return list(settings["ffm_lr_grid"])
+    return list(settings.get("lr_grid", [1e-3]))

@@ -155,3 +155,14 @@ def test_min_delta_var_is_a_fraction_of_the_target_variance(stores, tmp_path, me
 def test_min_delta_var_does_not_apply_to_task_losses(stores, tmp_path):
     _, metrics = _train(stores, tmp_path, "tlt", settings={"max_epochs": 4, "patience": 4, "min_delta_var": 1.0})
     assert metrics["min_delta_abs"] == 0.0 and len(metrics["history"]) == 4
+
+
+@pytest.mark.parametrize("method,want", [("ffm", [0.05, 0.02]), ("lfm", [0.001]), ("tlt", [0.001])])
+def test_ffm_has_its_own_lr_grid(stores, tmp_path, method, want):
+    """train.ffm_lr_grid: ffm trains over its own grid, every other method over train.lr_grid."""
+    _, metrics = _train(stores, tmp_path, method, settings={"max_epochs": 1, "patience": 1, "lr_grid": [0.001],
+                                                            "ffm_lr_grid": [0.05, 0.02]})
+    assert sorted({h["lr"] for h in metrics["history"]}, reverse=True) == want
+    _, metrics = _train(stores, tmp_path / "null", method, settings={"max_epochs": 1, "patience": 1,
+                                                                     "lr_grid": [0.001], "ffm_lr_grid": None})
+    assert {h["lr"] for h in metrics["history"]} == {0.001}

@@ -10,7 +10,7 @@ import yaml
 from ..backends.check import ModelCheckError
 from ..cache.keys import token_settings
 from ..config_checks import ConfigError, ConfigErrors
-from ..grid import stitch_seeds
+from ..grid import method_lr_grid, stitch_seeds
 from .cost import ITEMSIZE, LABEL_BYTES, ORDER_BYTES, SCALE_BYTES, SEGMENTATION_TYPES, TRAIN_METHODS, CostModel, _bound
 from .shapes import build_random_init, measure, model_shape
 
@@ -173,7 +173,8 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
     layers_ = list(st.get("layers", [1]))
     stitches = list(st.get("stitch_layers", ["mlp"]))
     methods = list(st.get("methods", list(TRAIN_METHODS)))
-    epochs = int(tr.get("max_epochs", 100)) * len(tr.get("lr_grid", [1e-3]))
+    epochs_of = {m: int(tr.get("max_epochs", 100)) * len(method_lr_grid(tr, m)) for m in TRAIN_METHODS}
+    epochs = max(epochs_of.values())
     n_seeds = len(stitch_seeds(cfg))  # every stitch trains and evaluates once per seed
     mlp_hidden = tr.get("mlp_hidden")
     rank = int(tr.get("lora_rank", 8))
@@ -202,7 +203,7 @@ def plan(cfg: dict, do_measure: bool = True, device: str = "auto", reference: st
                             r_img = bl_s + (fin_t if method == "ffm" else lab)
                         t_tr, b_tr = _bound(compute=c_tr, read=r_img / cost.read)
                         t_va, _ = _bound(compute=c_va, read=r_img / cost.read)
-                        secs = epochs * (Ntr * t_tr + Nva * t_va)
+                        secs = epochs_of[method] * (Ntr * t_tr + Nva * t_va)
                         if init == "lstsq" and method != "ffm_tlt":  # one pass over the training split
                             secs += Ntr * (bl_s + bl_t) / cost.read
                             lstsq_flops += 2.0 * Ntr * T["tokens"] * S["width"] * (S["width"] + T["width"])

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..backends import backbone_from_spec
 from ..cache import iter_batches, open_record
+from ..grid import method_lr_grid
 from ..provenance import code_digest, file_digest, fingerprint
 from ..runtime import json_arg, log, pick_device, seed_everything, set_threads, write_json
 from ..tasks import check_same_classes, head_config, make_head, task_info, tlt_loss
@@ -172,7 +173,8 @@ def train_stitch(job: TrainJob) -> int:
     # tokens matched (val split), the scale of the relative distances; task losses have no such scale
     target_var = token_variance(iter_batches([val_arrays[1]], bs), skip) if method in ("lfm", "ffm") else None
     min_delta_abs = float(settings.get("min_delta_var", 0.0)) * target_var if target_var is not None else 0.0
-    cfg = FitConfig.from_settings({**settings, "seed": seed, "min_delta_abs": min_delta_abs})
+    cfg = FitConfig.from_settings({**settings, "seed": seed, "min_delta_abs": min_delta_abs,
+                                   "lr_grid": method_lr_grid(settings, method)})
 
     def batches(epoch_seed):
         return iter_batches(train_arrays, bs, shuffle=True, seed=epoch_seed)
