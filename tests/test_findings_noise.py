@@ -73,15 +73,15 @@ def _deep_gap_rows():
 
 def _deep_predictions(tmp_path, disagree):
     """Per-image predictions of the layer-3 FFM→TLT a → b and a → a runs (both seeds) on N images:
-    80.0 % and 80.6 % right, differing on ``disagree`` images."""
+    80.0 % and 80.6 % right (seed 1: 80.1 and 80.7, as in the table), differing on ``disagree`` images."""
     paths = []
     for seed in (0, 1):
         base = np.zeros(N, bool)
-        base[:800] = True                             # a → b: 800 right
+        base[:800 + seed] = True                      # a → b: 800 (801) right
         ctrl = base.copy()
         k = (disagree - 6) // 2                       # ctrl loses k of a → b's right images, gains k + 6
         ctrl[:k] = False
-        ctrl[800:800 + k + 6] = True                  # 806 right
+        ctrl[800 + seed:800 + seed + k + 6] = True    # 806 (807) right
         paths += [write_run(tmp_path / f"ab{seed}.parquet", base, src="a", tgt="b", layer=3, method="ffm_tlt", seed=seed),
                   write_run(tmp_path / f"aa{seed}.parquet", ctrl, src="a", tgt="a", layer=3, method="ffm_tlt", seed=seed)]
     return Correctness.from_files(paths)
@@ -115,8 +115,24 @@ def test_the_header_says_whether_the_test_noise_was_counted(tmp_path):
     assert ("stitch", "ds", "b", "b", 3, "mlp", "ffm_tlt") in c.missing and len(c.missing) == 10
     assert not {k for k in c.missing if k[2:5] in (("a", "a", 3), ("a", "b", 3)) and k[-1] == "ffm_tlt"}
     # one seed with predictions: no longer "every comparison counts its sign"
-    one = findings_markdown(table(paper_like()), correct=_deep_predictions(tmp_path / "one", disagree=100))
+    seed0 = table([r for r in _deep_gap_rows().to_pylist() if r["seed"] == 0], probes={"a": 0.70, "b": 0.75})
+    c0 = Correctness.from_files(p for p in _deep_predictions(tmp_path / "one", disagree=100)._files.values()
+                                if "1.parquet" not in p.name)
+    one = findings_markdown(seed0, correct=c0)
     assert "With one seed there is no seed spread." in one and "counts its sign" not in one
+
+
+def test_predictions_that_do_not_fit_the_table_stop_loudly(tmp_path):
+    t = _deep_gap_rows()
+    c = _deep_predictions(tmp_path, disagree=100)
+    c.add(write_run(tmp_path / "stale.parquet", np.ones(N, bool), src="a", tgt="b", layer=1, method="lfm"))
+    with pytest.raises(ValueError, match="stale.parquet: its predictions score 100.00 % but the results table"):
+        check_findings(t, correct=c)
+    c = _deep_predictions(tmp_path / "x", disagree=100)
+    c.add(write_run(tmp_path / "foreign.parquet", np.ones(N, bool), src="a", tgt="b", layer=3, method="ffm_tlt",
+                    seed=7))
+    with pytest.raises(ValueError, match="foreign.parquet: predictions of ds/a/b/3/mlp/ffm_tlt seed 7, a run"):
+        check_findings(t, correct=c)
 
 
 def test_cli_reads_the_predictions(tmp_path, capsys):

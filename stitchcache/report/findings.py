@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .noise import Correctness
+from .noise import HEAD_METHODS, Correctness
 from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, variant
 
 HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
 UNRESOLVED = "not resolved (within the noise)"
-TLT_METHODS = ("tlt", "ffm_tlt")
+TLT_METHODS = HEAD_METHODS  # scored by the trained head
 NAMES = {"lfm": "LFM", "ffm": "FFM", "tlt": "TLT", "ffm_tlt": "FFM→TLT"}
 TITLES = {
     1: "Stitch-layer training matters: LFM has the lower d_l, FFM the lower d_L, and LFM / TLT are "
@@ -259,6 +259,22 @@ def _finding3(b: _Block):
                   "base probes", _combine(verdicts), ev)]
 
 
+def check_agrees(rows, pacc, correct: Correctness, tol=1e-5) -> None:
+    """Stop when a predictions file does not fit the results table (another run, stale, or another
+    split): its accuracy must equal the table's value of the same cell and seed."""
+    table = {(("stitch", r["dataset"], r["source"], r["target"], r["layer"], r["stitch"], r["method"]), r["seed"]):
+             task_value(r) for r in rows}
+    for key, seed, acc, path in correct.accuracies():
+        want = pacc.get(key[1:]) if key[0] == "probe" else table.get((key, seed), "absent")
+        if want == "absent":
+            raise ValueError(f"{path}: predictions of {'/'.join(map(str, key[1:]))} seed {seed}, a run the results "
+                             "table does not have (a stale or foreign predictions file)")
+        if want is not None and acc is not None and abs(acc - want) > tol:
+            raise ValueError(f"{path}: its predictions score {100 * acc:.2f} % but the results table has "
+                             f"{100 * want:.2f} % for {'/'.join(map(str, key[1:]))} seed {seed}: the predictions "
+                             "do not fit the table (stale, or from another run)")
+
+
 def check_findings(table, probes=None, correct: Correctness | None = None) -> list[Finding]:
     """``correct``: the per-image predictions (noise.py); without them the test split's noise is not counted."""
     correct = correct if correct is not None else Correctness()
@@ -270,6 +286,7 @@ def check_findings(table, probes=None, correct: Correctness | None = None) -> li
     for r in rows:   # the joined columns stand in for a probe table that lacks them
         pacc.setdefault((r["dataset"], r["source"]), r.get("src_probe_acc"))
         pacc.setdefault((r["dataset"], r["target"]), r.get("tgt_probe_acc"))
+    check_agrees(rows, pacc, correct)
     blocks = sorted({(r["dataset"], r["source"], r["target"], r["stitch"]) for r in rows if r["kind"] == "cross"})
     out = []
     for number, fn in ((1, _finding1), (2, _finding2), (3, _finding3)):

@@ -67,12 +67,19 @@ class Correctness:
         order = np.argsort(ids.astype(str), kind="stable")
         correct = (table[col].to_numpy(zero_copy_only=False) == labels)[order].astype(np.float64)
         seed = meta.get("seed")
+        seed = int(seed) if seed not in (None, "", "None") else None
         runs = self._seeds.setdefault(key, {})
         if seed in runs:
             raise ValueError(f"{path} and {self._files[key + (seed,)]} hold predictions of the same run {key}, "
                              f"seed {seed}")
         runs[seed] = (ids[order], correct)
         self._files[key + (seed,)] = path
+
+    def accuracies(self):
+        """(key, seed, accuracy, file) of every indexed run: what the results table must agree with."""
+        for key, runs in self._seeds.items():
+            for seed, (_, c) in runs.items():
+                yield key, seed, float(c.mean()) if len(c) else None, self._files[key + (seed,)]
 
     def __len__(self) -> int:
         """The number of prediction files indexed."""
