@@ -8,6 +8,11 @@ than the relative ``min_delta`` (0 = any decrease) and by more than the absolute
 stitch trainer sets it for the matching losses from ``train.min_delta_var``: a loss that keeps falling
 by a constant fraction per epoch never trips a relative threshold, an absolute floor stops it); the
 weights kept are those of the lowest loss either way.
+How each run ended is recorded: ``stop`` (``patience`` or ``max_epochs``), ``epochs_run`` and
+``tail_fall``, the relative fall of the best validation loss over the run's last ``patience`` epochs
+(> 0: the loss was still making new lows when the run ended, by less than ``min_delta``, or the cap
+cut it; its best loss is then an upper bound of what longer training reaches; None when the run was
+shorter than ``patience`` epochs).
 A checkpoint ``<out>.partial`` is written after every epoch; a restarted job resumes from it only if
 it was started with exactly the same fingerprint and fit config (else it is discarded, logged).
 bf16 autocast on CUDA, fp32 on CPU. Seeded.
@@ -54,6 +59,25 @@ class FitResult:
     epochs: int  # epochs of the chosen run until its best validation loss
     val_loss: float
     history: list[dict]
+    epochs_run: int = 0  # epochs the chosen run trained
+    stop: str = ""  # "patience" (early stopping) or "max_epochs" (the cap)
+    tail_fall: float | None = None  # see the module docstring
+
+    @property
+    def still_falling(self) -> bool:
+        return bool(self.tail_fall and self.tail_fall > 0)
+
+
+def tail_fall(val_losses: list[float], patience: int) -> float | None:
+    """Relative fall of the running minimum of ``val_losses`` over its last ``patience`` entries:
+    (min before the window − min overall) / min before the window; None when there are no earlier
+    epochs (or that minimum is not positive)."""
+    if patience < 1 or len(val_losses) <= patience:
+        return None
+    before = min(val_losses[:-patience])
+    if not (math.isfinite(before) and before > 0):
+        return None
+    return max(0.0, (before - min(val_losses)) / before)
 
 
 def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss_fn: Callable, val_loss: Callable,
@@ -119,13 +143,17 @@ def fit(build: Callable[[], nn.Module], batches: Callable[[int], Iterable], loss
             log(f"{desc} lr={lr:g} epoch {epoch + 1}: train {total / max(n, 1):.4g} val {v:.4g}")
             _save_partial(partial, {"fingerprint": fingerprint, "results": results, "current": {
                 "lr_index": li, "lr": lr, "state": module.state_dict(), "opt": opt.state_dict(), "run": run}})
+        vals = [h["val_loss"] for h in run["history"]]
         results.append({"lr": lr, "val_loss": run["best_val"], "epochs": run["best_epoch"],
-                        "state": run["best_state"], "history": run["history"]})
+                        "state": run["best_state"], "history": run["history"], "epochs_run": run["epoch"],
+                        "stop": "patience" if run["bad"] >= cfg.patience else "max_epochs",
+                        "tail_fall": tail_fall(vals, cfg.patience)})
         _save_partial(partial, {"fingerprint": fingerprint, "results": results})
     best = min(results, key=lambda r: r["val_loss"])
     history = [{"lr": r["lr"], **h} for r in results for h in r["history"]]
     return FitResult(state=best["state"], lr=best["lr"], epochs=best["epochs"], val_loss=best["val_loss"],
-                     history=history)
+                     history=history, epochs_run=best.get("epochs_run", best["epochs"]), stop=best.get("stop", ""),
+                     tail_fall=best.get("tail_fall"))
 
 
 def _load_partial(path, fingerprint: dict, desc: str):

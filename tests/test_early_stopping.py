@@ -88,3 +88,21 @@ def test_a_real_plateau_still_stops_after_patience_epochs():
     vals = [0.1 * 0.997 ** i for i in range(20)] + [0.1 * 0.997 ** 19] * 50
     res = steady_fit(vals, min_delta=0.005)
     assert 21 <= len(res.history) <= 23 and res.epochs == 20
+
+
+def test_how_a_run_ended_is_recorded():
+    # bug: a run that min_delta stopped while its loss still made new lows (the demo's FFM: d_L 0.0925
+    # at the stop, 0.084 when trained on) looked exactly like a converged one in every output
+    creeping = creeping_fit(1e-3)   # epochs 5-7 each 0.01 % lower than the one before: still falling
+    assert creeping.stop == "patience" and creeping.epochs_run == 7 and creeping.still_falling
+    assert abs(creeping.tail_fall - (1 - (1 - 1e-4) ** 3)) < 1e-9
+    flat = steady_fit([1.0, 0.5, 0.6, 0.6, 0.6, 0.6])   # a plateau: no new low in the last 3 epochs
+    assert flat.stop == "patience" and flat.epochs_run == 5 and flat.tail_fall == 0.0 and not flat.still_falling
+    capped = creeping_fit(0.0, max_epochs=10)   # the cap ends it while it still falls
+    assert capped.stop == "max_epochs" and capped.epochs_run == 10 and capped.still_falling
+
+
+def test_tail_fall_needs_epochs_before_the_window():
+    from stitchcache.train import tail_fall
+    assert tail_fall([1.0, 0.9], patience=3) is None
+    assert abs(tail_fall([1.0, 0.8, 0.9, 0.7], patience=2) - 0.125) < 1e-12  # min 0.8 before, 0.7 after

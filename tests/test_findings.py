@@ -204,3 +204,43 @@ def test_one_seed_says_every_comparison_counts_its_sign():
     assert "With one seed there is no seed spread: every comparison counts its sign" in md
     assert UNRESOLVED not in md.split("See docs")[1]
     assert "With one seed" not in findings_markdown(table(paper_like(0) + paper_like(1, jitter=0.01)))
+
+
+def _falling(rows, method, layer, src="a", tgt="b", fall=0.004):
+    for r in rows:
+        if (r["source"], r["target"], r["method"], r["layer"]) == (src, tgt, method, layer):
+            r.update(epochs=40, epochs_run=43, stop="patience", tail_fall=fall)
+    return rows
+
+
+def test_a_distance_still_falling_when_stopped_is_marked_as_an_upper_bound():
+    # bug: FFM's d_L of a run early stopping ended while it still fell was compared with LFM's as if
+    # converged. FFM is the lower side of d_L(FFM) <= d_L(LFM): longer training only widens the gap
+    md = findings_markdown(table(_falling(paper_like(), "ffm", 2)))
+    line = next(l for l in md.splitlines() if l.strip().startswith("- layer 2: FFM 0.300"))
+    assert "FFM still falling when stopped in 1/1 seeds: an upper bound, longer training would only widen" in line
+    assert "1 of 36 stitch trainings were still lowering their validation loss" in md
+    # LFM still falling at layer 2: its d_L is not its own loss (no mark); its d_l is the upper side
+    # of nothing but the lower side of d_l(LFM) <= d_l(FFM): widening again
+    md = findings_markdown(table(_falling(paper_like(), "lfm", 2)))
+    line = next(l for l in md.splitlines() if l.strip().startswith("- layer 2: LFM 0.0100"))
+    assert "LFM still falling" in line and "only widen" in line
+    assert not any("LFM still falling" in l for l in md.splitlines() if l.strip().startswith("- layer 2: FFM 0.300"))
+
+
+def test_a_holding_comparison_whose_upper_side_still_falls_could_change():
+    # d_l(LFM) 0.03 > d_l(FFM) 0.02 at layer 1 while LFM (its own loss: d_l) still falls: the failure
+    # is on the side longer training moves, so it could turn
+    rows = _falling(paper_like(), "lfm", 1)
+    for r in rows:
+        if (r["source"], r["target"], r["method"], r["layer"]) == ("a", "b", "lfm", 1):
+            r["d_l"] = 0.03
+    f1 = check_findings(table(rows))[0]
+    assert f1.checks[0].verdict == FAILS
+    assert any("LFM still falling when stopped in 1/1 seeds: an upper bound, *could change with longer training*" in e
+               for e in f1.checks[0].evidence)
+
+
+def test_a_gain_that_rounds_to_zero_prints_plus_zero():
+    from stitchcache.report.findings import points
+    assert points(-0.0004) == "+0.0" and points(0.012) == "+1.2" and points(-0.012) == "-1.2"

@@ -86,6 +86,11 @@ def test_tlt_reported_on_test_with_per_image_predictions(recs, tmp_path):
     assert res["probe_acc"] == pytest.approx(np.mean(np.asarray(t.column("pred_probe").to_pylist()) == label))
     assert res["head_acc"] == pytest.approx(np.mean(np.asarray(t.column("pred_head").to_pylist()) == label))
     assert "probe_val_acc" in res
+    # how training ended travels from the trainer into the evaluation record (the table's columns)
+    # (max_epochs 1: the cap ended it, one epoch is too short for a trend)
+    train_info = json.loads((tmp_path / "tlt.pt.json").read_text())
+    assert (res["stop"], res["epochs_run"], res["epochs"], res["tail_fall"]) == ("max_epochs", 1, 1, None)
+    assert (train_info["stop"], train_info["epochs_run"], train_info["tail_fall"]) == ("max_epochs", 1, None)
 
 
 def test_distances_relative_form_and_patch_matching(recs, tmp_path):

@@ -83,7 +83,7 @@ def test_write_table_roundtrip_and_markdown(records, tmp_path):
     pq_path, csv_path, md_path, paper_path = write_table(t, load_probes(probes), tmp_path / "out")
     assert paper_path.name == "paper_tables.md" and paper_path.is_file()
     back = pq.read_table(pq_path)
-    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 23
+    assert back.num_rows == 48 and back.num_columns == len(COLUMNS) == 26
     assert back.column_names == COLUMNS
     assert back.to_pylist() == t.to_pylist()
     meta = back.schema.metadata
@@ -107,6 +107,26 @@ def test_write_table_roundtrip_and_markdown(records, tmp_path):
     assert "| sup → ssl | mlp | tlt | d_l |" not in md                # distances table is LFM vs FFM
     write_table(t, None, tmp_path / "again")                          # probes taken from the metadata
     assert (tmp_path / "again" / "table.md").read_text() == md        # deterministic
+
+
+def test_training_section_shows_how_each_run_ended(records, tmp_path):
+    evals, probes = records
+    md0 = write_table(build_table(evals, probes), None, tmp_path / "old")[2].read_text()
+    assert "### Training" not in md0      # records written before runs recorded how they ended
+    for p in evals:
+        rec = json.loads(p.read_text())
+        falling = (rec["source"], rec["target"], rec["layer"], rec["method"]) == ("sup", "ssl", 2, "ffm")
+        capped = (rec["source"], rec["target"], rec["layer"], rec["method"]) == ("sup", "ssl", 3, "ffm")
+        rec.update(epochs_run=rec["epochs"] + 3, stop="max_epochs" if capped else "patience",
+                   tail_fall=0.004 if falling or capped else 0.0)
+        p.write_text(json.dumps(rec))
+    t = build_table(evals, probes)
+    md = write_table(t, None, tmp_path / "out")[2].read_text()
+    assert "### Training: best epoch / epochs trained, per seed" in md and "2 of 48 runs." in md
+    assert "| sup → ssl | mlp | ffm | 4/7 | 5/8↓ | 6/9 cap↓ |" in md
+    assert "| sup → ssl | mlp | lfm | 4/7 | 5/8 | 6/9 |" in md
+    r = next(r for r in t.to_pylist() if (r["source"], r["target"], r["layer"], r["method"]) == ("sup", "ssl", 2, "ffm"))
+    assert (r["epochs_run"], r["stop"], r["tail_fall"]) == (8, "patience", 0.004)
 
 
 def test_missing_values_shown_as_dash(records, tmp_path):

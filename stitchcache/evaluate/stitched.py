@@ -175,6 +175,7 @@ def evaluate(args) -> dict:
         "head_acc": hm["score"] if hm else None,  # the task metric: accuracy, or mIoU (see "metric")
         "task": info["task"], "metric": info["metric"], "num_classes": num_classes,
         "match_tokens": match_tokens, **dist, "lr": ckpt["train"]["lr"], "epochs": ckpt["train"]["epochs"],
+        **{k: ckpt["train"].get(k) for k in ("epochs_run", "stop", "tail_fall")},  # how training ended
         "train_seconds": ckpt["train"]["train_seconds"], "eval_seconds": time.time() - t0,
         **{f"exported_{split}": str(store.path) for split, store in exported.items()},
         "train_provenance": trained, "probe_settings": settings.get("probe", {}),

@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 
 from .noise import HEAD_METHODS, Correctness
-from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, variant
+from .tables import fmt_acc, fmt_dist, pair_label, probe_table, rows_of, still_falling, variant
 
 HOLDS, FAILS, NO_DATA = "holds", "does not hold", "not enough data"
 UNRESOLVED = "not resolved (within the noise)"
@@ -58,15 +58,16 @@ class Stat:
     std: float | None
     n: int
     key: tuple | None = None
+    falling: int = 0  # seeds whose training was still lowering this value (its own loss) when it ended
 
     @classmethod
-    def of(cls, vals, key=None):
+    def of(cls, vals, key=None, falling=0):
         vals = [v for v in vals if v is not None and not math.isnan(v)]
         if not vals:
             return cls(None, None, 0, key)
         m = sum(vals) / len(vals)
         sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-        return cls(m, sd, len(vals), key)
+        return cls(m, sd, len(vals), key, falling)
 
     def fmt(self, kind="acc"):
         f = fmt_acc if kind == "acc" else fmt_dist
@@ -106,6 +107,8 @@ def shallow_deep(layers):
 
 
 WITHIN = "within the noise"
+COULD_CHANGE = "could change with longer training"
+OWN_LOSS = {"lfm": "d_l", "ffm": "d_L"}  # the distance each matching recipe trains on (its validation loss)
 
 
 @dataclass
@@ -164,10 +167,12 @@ class _Block:
 
     def stat(self, method, layer, fld="task", src=None, tgt=None):
         src, tgt = src or self.src, tgt or self.tgt
-        vals = [task_value(r) if fld == "task" else r[fld] for r in self.rows
+        rows = [r for r in self.rows
                 if r["source"] == src and r["target"] == tgt and r["method"] == method and r["layer"] == layer]
+        vals = [task_value(r) if fld == "task" else r[fld] for r in rows]
         key = ("stitch", self.ds, src, tgt, layer, self.st, method) if fld == "task" else None
-        return Stat.of(vals, key)
+        falling = sum(still_falling(r) for r in rows) if OWN_LOSS.get(method) == fld else 0
+        return Stat.of(vals, key, falling)
 
     def probe(self, model) -> Stat:
         return Stat.of([self.probes.get((self.ds, model))], ("probe", self.ds, model))
@@ -195,8 +200,22 @@ class _Block:
             scale, digits = (100.0, 1) if kind == "acc" else (1.0, 4)
             detail = nz.fmt(scale, digits) if nz.total is not None else ""
             ev.append(f"layer {l}: {lo[0]} {a.fmt(kind)} {'<=' if ok else '>'} {hi[0]} {b.fmt(kind)}"
-                      + (f" ({WITHIN}; {detail})" if noisy else f" ({detail})" if nz.test_se is not None else ""))
+                      + (f" ({WITHIN}; {detail})" if noisy else f" ({detail})" if nz.test_se is not None else "")
+                      + falling_note(lo[0], a, hi[0], b, ok))
         return _combine(verdicts), ev
+
+
+def falling_note(lo_name, a: Stat, hi_name, b: Stat, ok: bool) -> str:
+    """For a distance a <= b: which side was still falling when its training ended (an upper bound)
+    and whether longer training could change the comparison (a falling b when it holds, a falling a
+    when it fails) or only widen it."""
+    notes = []
+    for name, st, lower_side in ((lo_name, a, True), (hi_name, b, False)):
+        if st.falling:
+            could = (not ok) if lower_side else ok
+            notes.append(f"{name} still falling when stopped in {st.falling}/{st.n} seeds: an upper bound, "
+                         + (f"*{COULD_CHANGE}*" if could else "longer training would only widen the gap"))
+    return f" [{'; '.join(notes)}]" if notes else ""
 
 
 def _finding1(b: _Block):
@@ -226,6 +245,12 @@ def _gain(b: _Block, layers):
     return (sum(gains) / len(gains) if gains else None), terms
 
 
+def points(v: float) -> str:
+    """A signed difference in points, one decimal; a value that rounds to zero prints as +0.0, not -0.0."""
+    r = round(100 * v, 1)
+    return f"{r if r != 0 else 0.0:+.1f}"
+
+
 def _finding2(b: _Block):
     m = lambda method: (NAMES[method], lambda l: b.stat(method, l))
     v, ev = b.compare(b.layers, m("tlt"), m("ffm_tlt"), "")
@@ -239,8 +264,8 @@ def _finding2(b: _Block):
         ok, noisy = gs >= gd, nz.unresolved(gs - gd)
         spread = (f" ({WITHIN}; {nz.fmt()})" if noisy else f" ({nz.fmt()})" if nz.test_se is not None else "")
         checks.append(Check("the gain FFM→TLT − TLT is largest at shallow points", _verdict(ok, noisy),
-                            [f"mean gain at shallow {b.shallow}: {100 * gs:+.1f} points {'>=' if ok else '<'} "
-                             f"at deep {b.deep}: {100 * gd:+.1f} points{spread}"]))
+                            [f"mean gain at shallow {b.shallow}: {points(gs)} points {'>=' if ok else '<'} "
+                             f"at deep {b.deep}: {points(gd)} points{spread}"]))
     return checks
 
 
@@ -331,6 +356,13 @@ def findings_markdown(table, probes=None, correct: Correctness | None = None) ->
            + ("With one seed there is no seed spread" + ("" if n_pred else ": every comparison counts its sign")
               + ". " if one_seed else "")
            + "See docs/stages/report.md.", ""]
+    falling = [r for r in rows_of(table) if still_falling(r)]
+    if falling:
+        out += [f"{len(falling)} of {table.num_rows} stitch trainings were still lowering their validation loss "
+                "when early stopping (or `max_epochs`) ended them (results/table.md, *Training*); a distance "
+                "that is such a run's own loss (LFM: d_l, FFM: d_L) is an upper bound, and a comparison that "
+                f"longer training could turn is marked *{COULD_CHANGE}* (a smaller `train.min_delta` or a larger "
+                "`patience` trains longer).", ""]
     if correct is not None and correct.missing:
         names = ", ".join("/".join(str(x) for x in k[1:]) for k in sorted(correct.missing, key=str)[:8])
         out += [f"**Warning: {len(correct.missing)} compared cell(s) have no per-image predictions**, so their "

@@ -38,7 +38,8 @@ SCHEMA = pa.schema([
     ("dataset", S), ("source", S), ("target", S), ("layer", I), ("stitch", S), ("init", S), ("method", S),
     ("kind", S), ("seed", I), ("metric", S), ("probe_acc", F), ("head_acc", F), ("d_l", F), ("d_L", F),
     ("lr", F), ("epochs", I), ("train_seconds", F), ("src_probe_acc", F), ("tgt_probe_acc", F),
-    ("split", S), ("d_l_rel", F), ("d_L_rel", F), ("match_tokens", S),
+    ("split", S), ("d_l_rel", F), ("d_L_rel", F), ("match_tokens", S), ("epochs_run", I), ("stop", S),
+    ("tail_fall", F),
 ])
 PROBE_SCHEMA = pa.schema([("dataset", S), ("model", S), ("pool", S), ("metric", S), ("probe_acc", F), ("lr", F),
                           ("epochs", I), ("split", S)])
@@ -50,7 +51,7 @@ PROBES_KEY = b"stitchcache.probes"
 DEFAULT_METRIC = "accuracy"
 METRIC_NAMES = {"accuracy": "accuracy", "miou": "mIoU"}   # metric field -> display name (others as given)
 # absent from tables written before they existed; filled in on reading (split: val, the only one then)
-LATER_COLUMNS = ("init", "metric", "split", "d_l_rel", "d_L_rel", "match_tokens")
+LATER_COLUMNS = ("init", "metric", "split", "d_l_rel", "d_L_rel", "match_tokens", "epochs_run", "stop", "tail_fall")
 SELECTION_SPLIT = "val"
 
 
@@ -286,6 +287,30 @@ def _by_layer(rows, layers, fields, fmt, labels):
     return [list(k) + [fmt(_mean(c.get(l, []))) for l in layers] for k, c in cells.items()]
 
 
+FALLING = "↓"
+
+
+def still_falling(r) -> bool:
+    """The row's training run was still lowering its validation loss when it ended (train.py)."""
+    return bool(r.get("tail_fall") and r["tail_fall"] > 0)
+
+
+def fmt_epochs(r) -> str:
+    """``best/run`` epochs of one row, ``↓`` when still falling, ``cap`` when max_epochs ended it."""
+    if r.get("epochs") is None:
+        return DASH
+    run = f"/{r['epochs_run']}" if r.get("epochs_run") is not None else ""
+    return f"{r['epochs']}{run}" + (" cap" if r.get("stop") == "max_epochs" else "") + (FALLING if still_falling(r) else "")
+
+
+def _epochs_by_layer(rows, layers, labels):
+    """Markdown rows: one per (pair, stitch variant, method), a cell per layer listing every seed's epochs."""
+    cells = {}
+    for r in rows:
+        cells.setdefault((pair_label(r), labels[variant(r)], r["method"]), {}).setdefault(r["layer"], []).append(fmt_epochs(r))
+    return [list(k) + [", ".join(c.get(l, [])) or DASH for l in layers] for k, c in cells.items()]
+
+
 def to_markdown(table, probes=None) -> str:
     rows = rows_of(table)
     probes = (probe_table(table) if probes is None else probes).to_pylist()
@@ -326,4 +351,11 @@ def to_markdown(table, probes=None) -> str:
             fields = ["d_l", "d_L"] + [f for f in ("d_l_rel", "d_L_rel") if any(r[f] is not None for r in dist)]
             out += _md(["source → target", "stitch", "method", "metric"] + lcols,
                        _by_layer(dist, layers, fields, fmt_dist, labels))
+        if any(r.get("epochs_run") is not None for r in drows):
+            n_fall = sum(still_falling(r) for r in drows)
+            out += ["### Training: best epoch / epochs trained, per seed", "",
+                    f"{FALLING} = the validation loss was still making new lows when the run ended (by less than "
+                    "`train.min_delta` over the last `patience` epochs; cap = `max_epochs` ended it): its loss is "
+                    f"an upper bound of what longer training reaches. {n_fall} of {len(drows)} runs.", ""]
+            out += _md(["source → target", "stitch", "method"] + lcols, _epochs_by_layer(drows, layers, labels))
     return "\n".join(out)

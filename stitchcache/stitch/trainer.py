@@ -194,7 +194,8 @@ def train_stitch(job: TrainJob) -> int:
     spec = {"source": sf["spec"], "target": tf["spec"], "source_facts": sf, "target_facts": tf, "layer": l,
             "stitch": stitch_cfg, "method": method, "head": head_cfg, "dataset": st_rec["dataset"],
             "source_name": st_rec["model"], "target_name": tt_rec["model"]}
-    info = {"lr": res.lr, "epochs": res.epochs, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
+    info = {"lr": res.lr, "epochs": res.epochs, "epochs_run": res.epochs_run, "stop": res.stop,
+            "tail_fall": res.tail_fall, "val_loss": res.val_loss, "train_seconds": seconds, "seed": seed,
             "init": stitch_init, "match_tokens": match_tokens, "target_var": target_var,
             "min_delta_abs": min_delta_abs,
             "start": "checkpoint" if init is not None else ("lstsq" if lstsq_init is not None else "default"),
@@ -204,7 +205,10 @@ def train_stitch(job: TrainJob) -> int:
                               "source": st_rec["model"], "target": tt_rec["model"], "history": res.history,
                               "feature_stores": [str(s.path) for s in (st, sv, tt, tv)]})
     partial.unlink(missing_ok=True)
-    log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs}, val loss {res.val_loss:.4g} ({seconds:.1f}s)")
+    falling = (f"; still falling when stopped ({res.stop}: -{100 * res.tail_fall:.2f} % over the last "
+               f"{cfg.patience} epochs)" if res.still_falling else "")
+    log(f"{desc}: lr {res.lr:g}, best epoch {res.epochs} of {res.epochs_run}, val loss {res.val_loss:.4g} "
+        f"({seconds:.1f}s){falling}")
     return 0
 
 
