@@ -21,14 +21,38 @@ from pathlib import Path
 DIGEST_DIR_ENV = "STITCHCACHE_DIGEST_DIR"
 
 
-def _stamp(st: os.stat_result) -> str:
+def stamp(st: os.stat_result) -> str:
     """Everything that changes when a file's content may have changed."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
+def memo_root(env: str, name: str) -> Path:
+    """A memo folder: ``$<env>``, default ``~/.cache/stitchcache/<name>``."""
+    return Path(os.environ.get(env, Path.home() / ".cache" / "stitchcache" / name))
+
+
+def read_memo(memo: Path, key: str):
+    """The value memoised in the file ``memo`` under ``key`` (None when absent, unreadable or another key)."""
+    try:
+        data = json.loads(memo.read_text())
+        return data["value"] if data.get("key") == key else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def write_memo(memo: Path, key: str, value, **extra) -> None:
+    """Memoise ``value`` under ``key`` in the file ``memo`` (atomically; one that cannot be written is skipped)."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "value": value, **extra}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+
+
 def memo_path(p: str | os.PathLike) -> Path:
-    root = Path(os.environ.get(DIGEST_DIR_ENV, Path.home() / ".cache" / "stitchcache" / "digests"))
-    return root / (hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:32] + ".json")
+    return memo_root(DIGEST_DIR_ENV, "digests") / (hashlib.sha256(str(Path(p).resolve()).encode()).hexdigest()[:32] + ".json")
 
 
 def sha256_file(p: str | os.PathLike) -> str:
@@ -43,22 +67,12 @@ def sha256_file(p: str | os.PathLike) -> str:
 def file_digest(p: str | os.PathLike) -> str:
     """sha256 of a file, memoised by (device, inode, size, mtime_ns, ctime_ns)."""
     p = Path(p)
-    stamp = _stamp(p.stat())
+    before = stamp(p.stat())
     memo = memo_path(p)
-    try:
-        data = json.loads(memo.read_text())
-        if data.get("key") == stamp:
-            return data["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    known = read_memo(memo, before)
+    if isinstance(known, str):
+        return known
     digest = sha256_file(p)
-    if _stamp(p.stat()) != stamp:  # written while we read it: do not memoise a torn read
-        return digest
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": stamp, "sha256": digest, "path": str(p)}))
-        os.replace(tmp, memo)
-    except OSError:
-        pass
+    if stamp(p.stat()) == before:  # else written while we read it: do not memoise a torn read
+        write_memo(memo, before, digest, path=str(p))
     return digest

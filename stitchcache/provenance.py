@@ -19,20 +19,13 @@ import importlib
 import json
 from pathlib import Path
 
+from .digest import sha256_file as file_digest  # noqa: F401  (sha256 of a file, unmemoised)
 from .runtime import log
 
 
 def digest(obj) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def code_digest(*modules: str) -> str:

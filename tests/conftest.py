@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # tests never touch the network, and never write digests into the user's home
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the planner's model-check memo (backends/check.py) is shared by this test process and the Snakemake
+# runs it starts, never the user's ~/.cache: the many dry runs of the tiny configs then build each
+# model once (test_facts_memo.py tests the memo itself in its own folders)
+_FACTS = tempfile.mkdtemp(prefix="stitchcache-facts-")
+atexit.register(shutil.rmtree, _FACTS, ignore_errors=True)
+os.environ["STITCHCACHE_FACTS_DIR"] = _FACTS
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -10,20 +10,34 @@ and by ``stitchcache plan``, before any job.
   ``torch.load(mmap=True, weights_only=True)``: nothing but the index is read) against the meta model's
   state dict: a checkpoint of another architecture (no key in common) or with tensors of other shapes.
 
-Both are memoised per spec in the process, so the planner builds each model once.
+Both are memoised per spec in the process, so the planner builds each model once, and on disk
+(``$STITCHCACHE_FACTS_DIR``, default ``~/.cache/stitchcache/facts``), so an unchanged config's next dry
+run builds no model and imports neither torch nor the model library (issue 15: about 3 s of every
+``snakemake`` start). A memo's key holds everything its answer depends on: the spec, the installed
+versions of torch and the model's library, a digest of this package's source, and for
+``checkpoint_problems`` the stamp (device, inode, size, mtime, ctime: digest.py) of every weights
+file. Only library built-in architectures are memoised on disk (``timm:`` and ``open_clip:`` names);
+a spec read from local config files (an HF directory or hub snapshot, an open_clip JSON) is built
+every time. Failures are never memoised.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.metadata
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from ..digest import memo_root, read_memo, stamp, write_memo
 from . import _LIBRARIES, parse_name
+
+FACTS_DIR_ENV = "STITCHCACHE_FACTS_DIR"
+# the library's distribution, whose installed version a memo records (import name -> distribution)
+_DISTRIBUTIONS = {"timm": "timm", "open_clip": "open_clip_torch", "hf": "transformers"}
+_DISK_MEMO_LIBS = ("timm", "open_clip")
 
 # keys a library may legitimately adapt while loading (resampled position / patch embeddings, heads)
 _ADAPTED = ("pos_embed", "patch_embed.proj.weight", "positional_embedding", "position_embedding", "head.",
@@ -82,6 +96,8 @@ def _build_meta(lib: str, arch: str, kwargs: dict, checkpoint: str | None, weigh
             raise FileNotFoundError(f"HF model directory {str(p)!r} does not exist")
         raise ModelCheckError("backbone", f"hf:{arch}: without weights the architecture is unknown (HF reads it "
                               "from config.json next to the weights): give a save_pretrained directory or kwargs.config")
+    import torch
+
     with torch.device("meta"):
         if lib == "open_clip":  # open_clip moves the model to `device` at the end of create_model
             return module.build(arch, checkpoint=None, device="meta", **kwargs)
@@ -126,6 +142,8 @@ def _hf_meta_from_dir(arch: str, d: Path, kwargs: dict, weights_here: bool = Tru
             raise TypeError(f"{type(cfg).__name__} has no setting {k!r}")
         setattr(cfg, k, v)
     cls, family = hf._family_of(cfg, arch)
+    import torch
+
     with torch.device("meta"):
         model = cls(cfg)
     preprocess = None
@@ -180,7 +198,41 @@ def _facts(spec_json: str) -> tuple[ModelFacts, object]:
 
 def model_facts(spec: dict) -> ModelFacts:
     """spec: ``{backbone: 'lib:arch', kwargs, checkpoint}`` (registry names already resolved)."""
-    return _facts(_spec_json(spec))[0]
+    sj = _spec_json(spec)
+    memo = _memo_file("facts", sj)
+    if memo is not None:
+        known = read_memo(*memo)
+        if isinstance(known, dict):
+            try:
+                return ModelFacts(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+            except TypeError:
+                pass  # a memo of another field set: rebuild
+    facts = _facts(sj)[0]
+    if memo is not None:
+        write_memo(*memo, dataclasses.asdict(facts), spec=json.loads(sj))
+    return facts
+
+
+def _memo_file(kind: str, spec_json: str, files: tuple = ()) -> tuple[Path, str] | None:
+    """(memo file, key) of an answer about ``spec_json`` (and the weights ``files`` it read), or None
+    when the spec is not memoised on disk (not a library built-in, or a library that is not installed)."""
+    spec = json.loads(spec_json)
+    try:
+        lib, arch = parse_name(spec["backbone"])
+    except ValueError:
+        return None
+    if lib not in _DISK_MEMO_LIBS or _looks_like_path(arch):
+        return None
+    try:
+        versions = {d: importlib.metadata.version(d) for d in ("torch", _DISTRIBUTIONS[lib])}
+        stamps = [[str(f), stamp(f.stat())] for f in files]
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return None
+    from ..provenance import code_digest, digest
+
+    key = digest({"kind": kind, "spec": spec, "versions": versions, "files": stamps,
+                  "code": code_digest("stitchcache.backends")})
+    return memo_root(FACTS_DIR_ENV, "facts") / f"{kind}-{key[:32]}.json", key
 
 
 def meta_backbone(spec: dict):
@@ -209,6 +261,8 @@ def _checkpoint_shapes(path: str, size: int, mtime: int) -> dict[str, tuple[int,
 
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    import torch
+
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:  # legacy (non-zip) torch files cannot be mapped, TorchScript archives: no check here
@@ -244,6 +298,8 @@ def _timm_filtered(bb, shapes: dict) -> dict:
     """timm's own pretrained filter (key conversion, position-embedding resampling) run on meta tensors."""
     import sys
 
+    import torch
+
     model = getattr(bb, "model", None)
     mod = sys.modules.get(type(model).__module__) if model is not None else None
     fn = getattr(mod, "checkpoint_filter_fn", None)
@@ -263,6 +319,19 @@ def checkpoint_problems(spec: dict) -> list[str]:
     ckpt = spec.get("checkpoint")
     if ckpt is None or not Path(ckpt).expanduser().exists():
         return []  # random init, or missing (reported as a missing input)
+    files = tuple(_weights_files(Path(ckpt).expanduser()))
+    memo = _memo_file("checkpoint", json.dumps({**json.loads(_spec_json(spec)), "checkpoint": str(ckpt)},
+                                               sort_keys=True), files)
+    known = read_memo(*memo) if memo is not None else None
+    if isinstance(known, list):
+        return known
+    problems = _checkpoint_problems(spec, ckpt)
+    if memo is not None:
+        write_memo(*memo, problems)
+    return problems
+
+
+def _checkpoint_problems(spec: dict, ckpt) -> list[str]:
     bb = meta_backbone(spec)
     module = getattr(bb, "model", None) or getattr(bb, "visual", None) or bb
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
