@@ -84,6 +84,7 @@ def test_evaluate_report_plan(tmp_path, records, monkeypatch):
     assert [r["config"] for r in rows] == ["single", "full", "vst1", "vst2"]
     assert [r["added_cost"] for r in rows] == pytest.approx([0, 2.0, 2 * 2 / 3, 2 * 1 / 3])  # 3 VFMs of depth 3
     assert all(0 <= r["score"] <= 1 for r in rows) and rows[0]["split"] == "val"
+    assert rows[1]["gain_se"] is not None and rows[1]["gain_se"] >= 0   # Full's paired noise vs single
 
     out = tmp_path / "report"
     assert cli(["tree", "report", "--evals", *map(str, evals), "--out-dir", str(out)]) == 0
@@ -138,3 +139,34 @@ def test_a_normalized_gain_over_a_tiny_full_gain_is_flagged():
     md = gain_markdown(wide, gains(wide))
     cell = next(l for l in md.splitlines() if l.startswith("| VST-3 normalized gain"))
     assert "†" not in cell and "† Full" not in md
+    assert "a fixed 1 point" in gain_markdown(tiny, gains(tiny))   # rows without a measured noise
+
+
+def test_the_flag_uses_the_measured_paired_noise_of_full_minus_single():
+    """The denominator's noise is the paired standard error tree evaluate records (gain_se), not a
+    fixed point: a 2-point gap with a 2.5-point s.e. is flagged, a 0.8-point gap with 0.3 is not."""
+    from stitchcache.tree.report import gain_markdown, gains
+
+    def rows(full, se):
+        base = {"tree": "t", "trunk": "a", "branches": ["b"], "split": "test", "dataset": "d"}
+        return [{**base, "config": "single", "k": None, "score": 0.75, "added_cost": 0.0},
+                {**base, "config": "full", "k": None, "score": full, "added_cost": 1.0, "gain_se": se},
+                {**base, "config": "vst3", "k": 3, "score": 0.76, "added_cost": 0.5}]
+
+    noisy = gain_markdown(rows(0.77, 0.025), gains(rows(0.77, 0.025)))
+    assert "50.0%†" in noisy and "paired standard error over the test images: 2.50 points" in noisy
+    assert "| (C) max gain (B - A) | +2.00 (s.e. 2.50) |" in noisy
+    tight = gain_markdown(rows(0.758, 0.003), gains(rows(0.758, 0.003)))
+    assert "†" not in tight
+
+
+def test_tree_evaluate_records_the_paired_noise_of_the_full_gain():
+    import numpy as np
+
+    from stitchcache.tree.evaluate import paired_se
+
+    label = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    single = {"predictions": {"label": label, "pred_probe": np.array([0, 1, 0, 0, 0, 0, 1, 1])}}
+    full = {"predictions": {"label": label, "pred_probe": np.array([0, 1, 1, 0, 1, 1, 1, 1])}}
+    d = np.array([0, 0, 1, 0, 1, -1, 0, 0], dtype=float)   # full right − single right, per image
+    assert paired_se(single, full) == pytest.approx(d.std(ddof=1) / np.sqrt(8))

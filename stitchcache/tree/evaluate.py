@@ -17,7 +17,9 @@ The probe is the project's linear probe (standardised features, AdamW, LR grid, 
 the validation split; the score is validation accuracy).
 
 Normalized Gain (paper, Table 12) per metric m: (VST_m - single_m) / (Full_m - single_m); averaged
-over the metrics where Full differs from single.
+over the metrics where Full differs from single. The Full row carries ``gain_se``, the paired
+standard error of Full − single over the reported images (both probes score the same images in
+this job): the report flags a normalized gain whose denominator is within it.
 """
 from __future__ import annotations
 
@@ -117,12 +119,21 @@ def evaluate_tree(trunk: dict, branches: dict[str, dict], checkpoints: list[str]
         return [{**base, "config": "single", "k": None, "score": single["probe_acc"], "probe_lr": single["lr"],
                  "added_cost": 0.0},
                 {**base, "config": "full", "k": None, "score": full["probe_acc"], "probe_lr": full["lr"],
-                 "added_cost": sum(branch_depths) / depth}]
+                 "added_cost": sum(branch_depths) / depth, "gain_se": paired_se(single, full)}]
     k = meta["k"]
     vst = score(["trunk", *others])
     return [{**base, "config": f"vst{k}", "k": k, "score": vst["probe_acc"], "probe_lr": vst["lr"],
              "added_cost": sum(d - k for d in branch_depths) / depth,
              "checkpoints": [str(c) for c in checkpoints]}]
+
+
+def paired_se(a: dict, b: dict) -> float | None:
+    """Standard error over the reported images of the accuracy difference b − a of two probes scored on
+    the same images: std_i(c_b,i − c_a,i) / sqrt(n), c = 1 where the image is classified right (the
+    test split's noise of Full − single; None below two images)."""
+    pa, pb = a["predictions"], b["predictions"]
+    d = (pb["pred_probe"] == pb["label"]).astype(float) - (pa["pred_probe"] == pa["label"]).astype(float)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
 
 
 def _layer_of(checkpoints) -> int:

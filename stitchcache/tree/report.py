@@ -47,10 +47,17 @@ def gains(rows: list[dict]) -> list[dict]:
     return out
 
 
-# A normalized gain divides by Full - single; below one point (scores in [0, 1]) that difference is
-# within the noise of a ~1000-image test split (binomial std error of an accuracy difference at
-# p = 0.75, n = 1000: ~1.9 points), so the ratio is flagged rather than printed as if meaningful.
+# A normalized gain divides by Full - single; when that difference is within its noise — the paired
+# standard error over the test images that tree evaluate records as the Full row's ``gain_se`` — the
+# ratio is flagged rather than printed as if meaningful. Rows written before gain_se existed fall back
+# to a fixed one point (scores in [0, 1]).
 UNSTABLE_GAP = 0.01
+
+
+def gap_noise(full_row: dict) -> float:
+    """What Full − single is compared with: the row's paired s.e., else the fixed UNSTABLE_GAP."""
+    se = full_row.get("gain_se")
+    return float(se) if se is not None else UNSTABLE_GAP
 
 
 def _pct(v, digits=1):
@@ -74,10 +81,12 @@ def gain_markdown(rows: list[dict], gain_rows: list[dict]) -> str:
             lines.append(f"| {label} | " + " | ".join(vals) + f" | {avg} | {cost} |")
 
         sc = lambda d, c: by[d, c]["score"] if (d, c) in by else None  # noqa: E731
-        unstable = lambda d: abs(sc(d, "full") - sc(d, "single")) < UNSTABLE_GAP  # noqa: E731
+        unstable = lambda d: abs(sc(d, "full") - sc(d, "single")) <= gap_noise(by[d, "full"])  # noqa: E731
         row(f"(A) single ({first['trunk']})", [_pct(sc(d, "single"), 2) for d in ds], cost="0%")
         row("(B) Full", [_pct(sc(d, "full"), 2) for d in ds], cost=_pct(by[ds[0], "full"]["added_cost"]))
-        row("(C) max gain (B - A)", [f"{100 * (sc(d, 'full') - sc(d, 'single')):+.2f}" for d in ds])
+        se = lambda d: by[d, "full"].get("gain_se")  # noqa: E731
+        row("(C) max gain (B - A)", [f"{100 * (sc(d, 'full') - sc(d, 'single')):+.2f}"
+                                     + (f" (s.e. {100 * se(d):.2f})" if se(d) is not None else "") for d in ds])
         for g in [g for g in gain_rows if g["tree"] == tree]:
             cfg, cost = g["config"], _pct(g["added_cost"])
             row(f"VST-{g['k']}", [_pct(sc(d, cfg), 2) for d in ds], cost=cost)
@@ -90,8 +99,13 @@ def gain_markdown(rows: list[dict], gain_rows: list[dict]) -> str:
     lines.append("Normalized gain = (VST - single) / (Full - single) per dataset (n/a where Full equals single); "
                  "added cost = extra backbone blocks / trunk depth (Full: every other VFM end to end).")
     if any("†" in l for l in lines):
-        lines.append(f"† Full − single is below {100 * UNSTABLE_GAP:g} point here: the ratio divides by a difference "
-                     "inside the test split's noise and is not a meaningful normalized gain; compare the scores instead.")
+        noise = sorted({f"{100 * gap_noise(r):.2f}" for r in rows if r["config"] == "full"})
+        measured = all(r.get("gain_se") is not None for r in rows if r["config"] == "full")
+        lines.append("† Full − single is within its noise here (" + (
+            f"its paired standard error over the test images: {' / '.join(noise)} points" if measured else
+            f"no per-image noise recorded: a fixed {100 * UNSTABLE_GAP:g} point") + "): the ratio divides by a "
+            "difference that another test split could reverse and is not a meaningful normalized gain; compare "
+            "the scores instead.")
     return "\n".join(lines) + "\n"
 
 
