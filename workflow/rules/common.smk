@@ -6,15 +6,14 @@ Rules only reference the functions defined here; no logic lives in the rule file
 import json
 import os
 import shlex
-import shutil
 import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from stitchcache import job_params
 from stitchcache.config_checks import ConfigErrors, check_config
-from stitchcache.grid import STITCH_WILDCARDS, once_seed, stitch_dir, stitch_pattern, stitch_seeds
-from stitchcache.data.holdout import related_splits
+from stitchcache.grid import STITCH_WILDCARDS, stitch_dir, stitch_pattern, stitch_seeds
 from stitchcache.inputs import (
     concrete_model_spec,
     drop_if_stale,
@@ -359,73 +358,44 @@ def analysis_targets():
 ##### params: JSON handed to the CLI (exactly the config the stage depends on) #####
 
 
-def _settings(section, seed=None):
-    """A config section plus seed (default: `seed`, the seed of the once-per-model stages) and device."""
-    seed = once_seed(config) if seed is None else int(seed)
-    return json.dumps({**section, "seed": seed, "device": config["device"]}, sort_keys=True)
-
-
-def _dataset_spec(name, split):
-    """A dataset entry plus its name, with only the split the job reads and those deciding its images
-    (so editing another split re-runs nothing)."""
-    d = config["datasets"][name]
-    spec = {k: v for k, v in d.items() if k != "splits"}
-    # plus the splits that decide its images (a holdout and the split it holds out of)
-    spec.update(name=name, splits={s: d["splits"][s] for s in related_splits(d["splits"], split, name)})
-    return json.dumps(spec, sort_keys=True)
-
-
 def model_spec_param(wildcards):
     return json.dumps(model_spec(wildcards.model), sort_keys=True)
 
 
 def pretrain_model_spec_param(wildcards):
-    m = config["models"][wildcards.model]
-    spec = {"name": wildcards.model, "backbone": m["backbone"], "kwargs": m["kwargs"], "checkpoint": None}
-    return json.dumps(spec, sort_keys=True)
+    return job_params.pretrain_model_spec(config, wildcards.model)
 
 
 def pretrain_dataset_param(wildcards):
-    pre = config["models"][wildcards.model]["pretrain"]
-    return _dataset_spec(pre["dataset"], pre["split"])
+    return job_params.pretrain_dataset(config, wildcards.model)
 
 
 def pretrain_settings_param(wildcards):
-    # trained on the view extraction stores (pretrain.py): a changed extract.view re-pretrains
-    return _settings({**config["models"][wildcards.model]["pretrain"],
-                      "view": config["extract"]["view"]})  # the schema fills the default
+    return job_params.pretrain_settings(config, wildcards.model)
 
 
 def extract_dataset_param(wildcards):
-    return _dataset_spec(wildcards.dataset, wildcards.split)
+    return job_params.dataset_spec(config, wildcards.dataset, wildcards.split)
 
 
 def extract_settings_param(wildcards):
-    return _settings(config["extract"])
+    return job_params.extract_settings(config)
 
 
 def probe_settings_param(wildcards):
-    return _settings(config["probe"])
+    return job_params.probe_settings(config)
 
 
 def train_settings_param(wildcards):
-    """The train section with the job's own seed (wildcard)."""
-    return _settings(config["train"], seed=wildcards.seed)
+    return job_params.train_settings(config, wildcards.seed)
 
 
 def evaluate_settings_param(wildcards):
-    # "train": the settings the checkpoint must have been trained with (evaluate checks them)
-    return json.dumps({"probe": config["probe"], "keep_exports": config["evaluate"]["keep_exports"],
-                       "seed": int(wildcards.seed), "device": config["device"],
-                       "train": json.loads(train_settings_param(wildcards))}, sort_keys=True)
+    return job_params.evaluate_settings(config, wildcards.seed)
 
 
 def table_settings_param(wildcards):
-    """table: the settings every eval.json / probe json must have been produced with (it checks);
-    the train section without its seed, which must be one of `seeds`."""
-    train = {**config["train"], "device": config["device"]}
-    return json.dumps({"train": train, "seeds": seeds(), "probe": config["probe"],
-                       "probe_job": json.loads(probe_settings_param(wildcards))}, sort_keys=True)
+    return job_params.table_settings(config)
 
 
 def cache_root():
@@ -435,23 +405,7 @@ def cache_root():
 ##### resources #####
 
 
-def accelerator_in_use():
-    """Whether backbone jobs declare gpu=1: `gpu_jobs: true|false` decides outright; with
-    `gpu_jobs: auto` (default), `device: cuda`, or `device: auto` on a machine that shows a GPU.
-    Without one, `gpu` resources are 0 so CPU-only machines run those jobs side by side.
-    (On a cluster whose submit host has no GPU, set `device: cuda` or `gpu_jobs: true`.)"""
-    if config["gpu_jobs"] != "auto":
-        return bool(config["gpu_jobs"])
-    device = config["device"]
-    if device != "auto":
-        return device == "cuda"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return shutil.which("nvidia-smi") is not None
-
-
-GPU = 1 if accelerator_in_use() else 0
+GPU = 1 if job_params.accelerator_in_use(config) else 0
 
 
 def gpu_resource(wildcards):
@@ -460,12 +414,11 @@ def gpu_resource(wildcards):
 
 
 def train_gpu(wildcards):
-    """lfm trains from the cache alone; the other methods run the target tail on the accelerator."""
-    return 0 if wildcards.method == "lfm" else GPU
+    return job_params.train_gpu(wildcards.method, GPU)
 
 
 def train_mem_mb(wildcards):
-    return 2000 if wildcards.method == "lfm" else 4000
+    return job_params.train_mem_mb(wildcards.method)
 
 
 ##### job groups (cluster only; local runs ignore groups) #####
