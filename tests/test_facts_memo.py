@@ -98,7 +98,13 @@ def test_a_rewritten_checkpoint_is_checked_again(facts_dir, tmp_path):
     assert problems and "other shapes" in problems[0]
 
 
-def test_specs_read_from_local_files_are_not_memoised_on_disk(facts_dir, tmp_path):
+def test_specs_read_from_local_files_are_not_memoised_on_disk(facts_dir, tmp_path, monkeypatch):
     assert check._memo_file("facts", json.dumps({"backbone": "hf:/models/siglip", "kwargs": {}})) is None
     assert check._memo_file("facts", json.dumps({"backbone": "open_clip:/cfg/model.json", "kwargs": {}})) is None
+    # timm's hub prefix reads a config from the hub cache; a bare name that is a folder here is a local model
+    assert check._memo_file("facts", json.dumps({"backbone": "timm:hf-hub:timm/vit_small_patch16_224.augreg_in21k",
+                                                 "kwargs": {}})) is None
+    (tmp_path / "my_clip").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert check._memo_file("facts", json.dumps({"backbone": "open_clip:my_clip", "kwargs": {}})) is None
     assert check._memo_file("facts", json.dumps({"backbone": "timm:vit_small_patch16_224", "kwargs": {}})) is not None

@@ -228,7 +228,7 @@ def test_a_distance_still_falling_when_stopped_is_marked_as_an_upper_bound():
     assert not any("LFM still falling" in l for l in md.splitlines() if l.strip().startswith("- layer 2: FFM 0.300"))
 
 
-def test_a_holding_comparison_whose_upper_side_still_falls_could_change():
+def test_a_failing_comparison_whose_larger_side_still_falls_could_change():
     # d_l(LFM) 0.03 > d_l(FFM) 0.02 at layer 1 while LFM (its own loss: d_l) still falls: the failure
     # is on the side longer training moves, so it could turn
     rows = _falling(paper_like(), "lfm", 1)

@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,14 @@ def model_facts(spec: dict) -> ModelFacts:
     return facts
 
 
+def _is_builtin_name(arch: str) -> bool:
+    """A plain registry name (``vit_small_patch16_224``): no hub or local-dir prefix (timm's
+    ``hf-hub:`` reads a config from the hub cache), no path, and no file or folder of that name here
+    (open_clip takes a directory given by a bare name)."""
+    return (re.fullmatch(r"[A-Za-z0-9_.\-]+", arch) is not None and not _looks_like_path(arch)
+            and not Path(arch).expanduser().exists())
+
+
 def _memo_file(kind: str, spec_json: str, files: tuple = ()) -> tuple[Path, str] | None:
     """(memo file, key) of an answer about ``spec_json`` (and the weights ``files`` it read), or None
     when the spec is not memoised on disk (not a library built-in, or a library that is not installed)."""
@@ -221,7 +230,7 @@ def _memo_file(kind: str, spec_json: str, files: tuple = ()) -> tuple[Path, str]
         lib, arch = parse_name(spec["backbone"])
     except ValueError:
         return None
-    if lib not in _DISK_MEMO_LIBS or _looks_like_path(arch):
+    if lib not in _DISK_MEMO_LIBS or not _is_builtin_name(arch):
         return None
     try:
         versions = {d: importlib.metadata.version(d) for d in ("torch", _DISTRIBUTIONS[lib])}
